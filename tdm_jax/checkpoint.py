@@ -1,0 +1,109 @@
+"""Checkpoints through orbax: atomic saves every N iterations, keep M, resume from the latest.
+
+Orbax writes each step to a temporary folder and renames it when complete, so a crash in the
+middle of a save leaves the previous checkpoint as the latest. A checkpoint that exists but
+cannot be read is never skipped or replaced by a fresh initialisation: the run stops and says
+which step and folder are broken and how to go on.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+PyTree = Any
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be used."""
+
+
+def _describe_mismatch(restored: PyTree, abstract: PyTree) -> Optional[str]:
+  flat_r = jax.tree_util.tree_flatten_with_path(restored)[0]
+  flat_a = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  if len(flat_r) != len(flat_a):
+    return f"{len(flat_r)} arrays stored, {len(flat_a)} expected"
+  for (path, r), (_, a) in zip(flat_r, flat_a):
+    if tuple(r.shape) != tuple(a.shape) or r.dtype != a.dtype:
+      return (f"{jax.tree_util.keystr(path)} is {r.dtype}{list(r.shape)} in the checkpoint, "
+              f"{a.dtype}{list(a.shape)} expected")
+  return None
+
+
+@jax.jit
+def _finite_leaves(tree: PyTree) -> PyTree:
+  """One replicated boolean per leaf (works on sharded and multi-host arrays)."""
+  return jax.tree.map(lambda x: jax.numpy.all(jax.numpy.isfinite(x)) if jax.numpy.issubdtype(
+      x.dtype, jax.numpy.inexact) else jax.numpy.bool_(True), tree)
+
+
+class Checkpointer:
+  """A thin, strict layer over `ocp.CheckpointManager` for one tree per step."""
+
+  def __init__(self, directory: str, *, save_every: int = 0, keep: int = 3, async_save: bool = False):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep if keep > 0 else None, create=True,
+                                           enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self.save_every = save_every
+
+  def path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  @property
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  @property
+  def all_steps(self) -> list:
+    return sorted(self._manager.all_steps())
+
+  def should_save(self, step: int) -> bool:
+    return self.save_every > 0 and step % self.save_every == 0
+
+  def save(self, step: int, tree: PyTree) -> None:
+    """Saves `tree` as `step` (atomically; a step already on disk is left as it is)."""
+    if step in self._manager.all_steps():
+      return
+    self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
+
+  def restore(self, step: int, abstract: PyTree) -> PyTree:
+    """Restores `step` into the structure, shapes, dtypes and shardings of `abstract`."""
+    path = self.path(step)
+    previous = [s for s in self.all_steps if s < step]
+    fix = (f"delete {path} to resume from step {previous[-1]}" if previous
+           else f"delete {path} to start afresh")
+    try:
+      restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as err:  # orbax and tensorstore raise many kinds; all mean the same here.
+      raise CheckpointError(f"checkpoint of step {step} at {path} cannot be read "
+                            f"({type(err).__name__}: {err}); {fix}") from err
+    mismatch = _describe_mismatch(restored, abstract)
+    if mismatch:
+      raise CheckpointError(f"checkpoint of step {step} at {path} does not match this run's state: "
+                            f"{mismatch}; use another --workdir for a different model or config, or {fix}")
+    bad = [jax.tree_util.keystr(p) for p, ok in jax.tree_util.tree_flatten_with_path(_finite_leaves(restored))[0]
+           if not bool(ok)]
+    if bad:
+      raise CheckpointError(f"checkpoint of step {step} at {path} holds non-finite values in "
+                            f"{', '.join(bad[:5])}; {fix}")
+    logging.info("restored step %d from %s", step, path)
+    return restored
+
+  def restore_latest(self, abstract: PyTree) -> tuple[Optional[int], Optional[PyTree]]:
+    """(step, tree) of the latest complete checkpoint, or (None, None) in an empty folder."""
+    step = self.latest_step
+    if step is None:
+      return None, None
+    return step, self.restore(step, abstract)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

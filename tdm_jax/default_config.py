@@ -1,0 +1,49 @@
+"""The base configuration: every field any run reads, with TDM.md's demo defaults.
+
+`configs/default.py` is its entry for `--config`.
+
+Per-model configs start from this one and change only what differs. It is returned locked:
+a key that does not exist here is an error (with the nearest valid keys), whether it comes
+from a config file or a `--config.a.b=...` override.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.task = "toy"  # which teacher and data: "toy" (the vector example)
+
+  # The teacher's noise schedule, in Diffusers' scheduler_config.json terms.
+  config.schedule = ml_collections.ConfigDict(dict(
+      beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+      prediction_type="epsilon"))
+
+  # Trajectory Distribution Matching: every option of TDM.md (see tdm_jax/tdm.py: TDMConfig).
+  config.tdm = ml_collections.ConfigDict(dict(
+      num_student_steps=4, total_steps=800, guidance_scale=2.0, interval_mode="separate", random_mid=False,
+      min_timestep=20, upper_margin=10, mid_margin=20, min_snr_gamma=5.0, importance_weighting=True,
+      loss_type="huber", huber_c=1e-3, huber_norm_coef=0.00054, normalizer_floor=1e-8,
+      step_choices=(), condition_fake_on_segment=False))
+
+  # AdamW (betas 0, 0.95) for both networks; the student at lr / 5 with warm-up + cosine.
+  config.optim = ml_collections.ConfigDict(dict(
+      fake_lr=1e-4, student_lr=2e-5, b1=0.0, b2=0.95, eps=1e-8, weight_decay=1e-2,
+      student_grad_clip=1.0, fake_grad_clip=0.0, student_schedule="cosine", student_warmup_steps=50,
+      fake_schedule="constant", fake_warmup_steps=0, final_lr_fraction=0.0))
+
+  config.train = ml_collections.ConfigDict(dict(
+      num_iterations=500, batch_size=32, checkpoint_every=100, keep_checkpoints=3, log_every=10,
+      ema_decay=0.0, progress=True, tensorboard=True, evaluate_after=True))
+
+  # Devices: (data, fsdp, tensor); -1 takes all remaining devices.
+  config.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+
+  config.model = ml_collections.ConfigDict()  # filled by the per-model config
+  config.teacher = ml_collections.ConfigDict()  # where the teacher comes from
+  config.eval = ml_collections.ConfigDict(dict(
+      num_samples=1000, student_steps=(1, 2, 4), teacher_steps=(4,), reference_steps=100,
+      reference_solver="ddim", batch_size=1000))
+  config.lock()
+  return config

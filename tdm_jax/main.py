@@ -1,0 +1,81 @@
+"""The command line: `python -m tdm_jax.main --config=configs/<model>.py --workdir=DIR [--mode=...]`.
+
+Modes: `train` distils (resuming from DIR if it holds checkpoints) and then evaluates when
+`train.evaluate_after` is set; `evaluate` evaluates the latest checkpoint in DIR. Any config
+field can be overridden as `--config.train.batch_size=64`; unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from tdm_jax import metrics, train
+
+MODES = ("train", "evaluate")
+# config.task -> the module that turns a config into a Task and evaluates a student on it.
+TASKS = {"toy": "tdm_jax.toy_task"}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and outputs.")
+_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+
+
+def task_module(config):
+  if config.task not in TASKS:
+    raise ValueError(f"config.task={config.task!r} is not one of {sorted(TASKS)}")
+  return importlib.import_module(TASKS[config.task])
+
+
+def run_evaluation(config, workdir: str, module, task, state) -> list:
+  """Evaluates the student of `state`; writes eval/table.md and eval/table.json in the workdir."""
+  rows = module.evaluate(config, task, train.student_params(state))
+  table = metrics.markdown_table(rows)
+  if jax.process_index() == 0:
+    out = os.path.join(workdir, "eval")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table.md"), "w") as f:
+      f.write(table)
+    train.dump_json(os.path.join(out, "table.json"), rows)
+  print(table)
+  return rows
+
+
+def run(config, workdir: str, mode: str):
+  """Runs `mode`; returns the final state (train) or the evaluation rows (evaluate)."""
+  module = task_module(config)
+  task = module.build_task(config, workdir, progress=config.train.progress)
+  if mode == "train":
+    state = train.distill(task, config, workdir)
+    if config.train.evaluate_after:
+      run_evaluation(config, workdir, module, task, state)
+    return state
+  state = train.restore_state(task, config, workdir)
+  return run_evaluation(config, workdir, module, task, state)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/toy.py")
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required: the folder for checkpoints, metrics and outputs")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it
+  logging.info("config:\n%s", _CONFIG.value)
+  run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+
+
+def entry_point():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  sys.exit(entry_point())

@@ -1,0 +1,37 @@
+"""The optimisers of TDM.md, built from optax: AdamW (betas 0, 0.95), clipping, warm-up + cosine."""
+
+from __future__ import annotations
+
+import optax
+
+SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_schedule(peak: float, kind: str, warmup_steps: int, total_steps: int,
+                           final_fraction: float) -> optax.Schedule:
+  """Linear warm-up to `peak`, then constant or cosine decay to `final_fraction * peak`."""
+  if kind not in SCHEDULES:
+    raise ValueError(f"unknown learning-rate schedule {kind!r}; expected one of {SCHEDULES}")
+  if kind == "constant":
+    if warmup_steps <= 0:
+      return optax.constant_schedule(peak)
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), optax.constant_schedule(peak)],
+                                [warmup_steps])
+  return optax.warmup_cosine_decay_schedule(0.0, peak, max(warmup_steps, 0), max(total_steps, warmup_steps + 1),
+                                            end_value=final_fraction * peak)
+
+
+def adamw(schedule: optax.Schedule, cfg, clip_norm: float) -> optax.GradientTransformation:
+  """AdamW with optional global-norm clipping in front."""
+  opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+  return optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm > 0 else opt
+
+
+def make_optimizers(cfg, num_iterations: int):
+  """(student_tx, fake_tx, student_schedule, fake_schedule) from `config.optim`."""
+  student_lr = learning_rate_schedule(cfg.student_lr, cfg.student_schedule, cfg.student_warmup_steps,
+                                      num_iterations, cfg.final_lr_fraction)
+  fake_lr = learning_rate_schedule(cfg.fake_lr, cfg.fake_schedule, cfg.fake_warmup_steps, num_iterations,
+                                   cfg.final_lr_fraction)
+  return (adamw(student_lr, cfg, cfg.student_grad_clip), adamw(fake_lr, cfg, cfg.fake_grad_clip),
+          student_lr, fake_lr)

@@ -1,0 +1,84 @@
+"""Sampling: the distilled student in few steps, the teacher in many, with DDIM or DPM-Solver++ (2M).
+
+Every sampler is a `lax.scan` over its timesteps, so one compiled program serves any batch
+of noise; all take the `apply(params, x_t, t, cond, **extra)` callables of tdm.py.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tdm_jax import tdm
+from tdm_jax.schedules import Schedule, ddim_step, dpm_solver_2m_step, sampling_timesteps
+
+SOLVERS = ("ddim", "dpm_solver_2m")
+
+
+def _next_steps(timesteps, final_timestep: int):
+  timesteps = jnp.asarray(timesteps, jnp.int32)
+  return timesteps, jnp.append(timesteps[1:], final_timestep).astype(jnp.int32)
+
+
+def sample(apply, params, schedule: Schedule, z, cond, timesteps, *, solver: str = "ddim", uncond=None,
+           guidance_scale: float = 1.0, final_timestep: int = -1, lower_order_final: bool = True, **extra):
+  """Deterministic sampling from z (taken as x at timesteps[0]) down to `final_timestep`.
+
+  final_timestep -1 returns the clean estimate; Diffusers' DDIM with set_alpha_to_one=False
+  stops at timestep 0 instead, which `final_timestep=0` reproduces.
+  """
+  if solver not in SOLVERS:
+    raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
+  timesteps, next_steps = _next_steps(timesteps, final_timestep)
+  batch = z.shape[0]
+  full = lambda t: jnp.full((batch,), t, jnp.int32)
+
+  def denoise(x, t):
+    return tdm.guided_predict(apply, params, schedule, x, full(t), cond, uncond, guidance_scale, **extra)
+
+  if solver == "ddim":
+    def ddim(x, ts):
+      t, t_next = ts
+      x0, eps = denoise(x, t)
+      return ddim_step(schedule, x0, eps, full(t_next)), None
+
+    x, _ = jax.lax.scan(ddim, z, (timesteps, next_steps))
+    return x
+
+  num = timesteps.shape[0]
+  first_order = np.zeros(num, bool)
+  first_order[0] = True
+  if lower_order_final and num < 15:
+    first_order[-1] = True
+  prev_steps = jnp.concatenate([timesteps[:1], timesteps[:-1]])
+
+  def dpm(carry, inputs):
+    x, x0_prev = carry
+    t, t_prev, t_next, first = inputs
+    x0, _ = denoise(x, t)
+    x_next = dpm_solver_2m_step(schedule, x, x0, x0_prev, full(t), full(t_prev), full(t_next), first)
+    return (x_next, x0), None
+
+  (x, _), _ = jax.lax.scan(dpm, (z, jnp.zeros_like(z)),
+                           (timesteps, prev_steps, next_steps, jnp.asarray(first_order)))
+  return x
+
+
+def student_sample(apply, params, schedule: Schedule, z, cond, *, num_steps: int, total_steps: int,
+                   solver: str = "ddim", step_conditioning: bool = False, **extra):
+  """The distilled student: no guidance, one call per step on its own timesteps tau_j."""
+  if step_conditioning:
+    extra["num_steps"] = jnp.full((z.shape[0],), num_steps, jnp.int32)
+  return sample(apply, params, schedule, z, cond, tdm.student_timesteps(total_steps, num_steps), solver=solver,
+                **extra)
+
+
+def teacher_sample(apply, params, schedule: Schedule, z, cond, uncond, *, num_steps: int,
+                   guidance_scale: float, solver: str = "ddim", spacing: str = "leading", steps_offset: int = 0,
+                   final_timestep: int = -1):
+  """The teacher with classifier-free guidance on Diffusers' timesteps for `num_steps`."""
+  timesteps = sampling_timesteps(schedule.num_train_timesteps, num_steps, spacing, steps_offset,
+                                 scheduler="ddim" if solver == "ddim" else "dpm")
+  return sample(apply, params, schedule, z, cond, timesteps, solver=solver, uncond=uncond,
+                guidance_scale=guidance_scale, final_timestep=final_timestep)

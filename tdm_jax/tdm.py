@@ -1,0 +1,373 @@
+"""Trajectory Distribution Matching (TDM) as pure, jittable functions.
+
+Everything here works on `apply(params, x_t, t, cond, **extra) -> model output` callables
+(epsilon, v or x0 prediction, converted with the schedule), any sample shape `(B, ...)`
+and any conditioning pytree. It knows nothing of Flax modules, sharding or files.
+The method is specified in TDM.md (Luo et al., arXiv 2503.06674); names follow it:
+K student steps over S total steps, trajectory points x_k at t_k, interval ends m_k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tdm_jax import rng
+from tdm_jax.schedules import Schedule, ddim_step, diffuse
+
+Apply = Callable[..., jax.Array]
+PyTree = Any
+
+LOSS_TYPES = ("huber", "huber_norm", "l2")
+INTERVAL_MODES = ("separate", "shared")
+
+
+@dataclasses.dataclass(frozen=True)
+class TDMConfig:
+  """Every knob of TDM.md; the defaults are the authors' demo."""
+  num_student_steps: int = 4  # K
+  total_steps: int = 800  # S
+  guidance_scale: float = 2.0  # w_cfg of the teacher in the generator loss
+  interval_mode: str = "separate"  # "separate": t < t_k - upper_margin; "shared": t < S - upper_margin
+  random_mid: bool = False  # m ~ U[m_k, t_k - mid_margin) instead of m = m_k
+  min_timestep: int = 20  # t >= max(min_timestep, m)
+  upper_margin: int = 10
+  mid_margin: int = 20
+  min_snr_gamma: float = 5.0  # fake-score weight min(snr, gamma); <= 0 disables
+  importance_weighting: bool = True
+  loss_type: str = "huber"  # "huber" (demo, element-wise c), "huber_norm" (paper, per-sample norm), "l2"
+  huber_c: float = 1e-3
+  huber_norm_coef: float = 0.00054  # paper: c = coef * sqrt(elements per sample)
+  normalizer_floor: float = 1e-8  # keeps the per-sample normaliser d away from 0
+  step_choices: tuple = ()  # "unified" TDM: K drawn per iteration from these; student and fake score get `num_steps=K`
+  condition_fake_on_segment: bool = False  # fake score gets `segment=k` (meant for "shared" mode)
+
+  def __post_init__(self):
+    if self.loss_type not in LOSS_TYPES:
+      raise ValueError(f"tdm.loss_type={self.loss_type!r}; expected one of {LOSS_TYPES}")
+    if self.interval_mode not in INTERVAL_MODES:
+      raise ValueError(f"tdm.interval_mode={self.interval_mode!r}; expected one of {INTERVAL_MODES}")
+    for k in self.all_step_counts:
+      width = self.total_steps // k
+      # The narrowest draw, t ~ U[max(min_timestep, m_k), t_k - upper_margin), must be non-empty.
+      if width - 1 - self.upper_margin <= self.min_timestep or (self.random_mid and width <= self.mid_margin):
+        raise ValueError(
+            f"tdm.total_steps={self.total_steps} with {k} student steps gives intervals of {width} "
+            f"timesteps, too short for min_timestep={self.min_timestep}, upper_margin="
+            f"{self.upper_margin}, mid_margin={self.mid_margin}; raise total_steps or lower the margins")
+
+  @classmethod
+  def from_config(cls, config) -> "TDMConfig":
+    """From an ml_collections ConfigDict (or dict) of the same fields."""
+    values = dict(config)
+    values["step_choices"] = tuple(int(k) for k in values.get("step_choices", ()))
+    return cls(**values)
+
+  @property
+  def step_conditioning(self) -> bool:
+    return bool(self.step_choices)
+
+  @property
+  def all_step_counts(self) -> tuple:
+    return tuple(self.step_choices) or (self.num_student_steps,)
+
+
+def student_timesteps(total_steps: int, num_steps: int) -> np.ndarray:
+  """tau_j = S - 1 - j S / K for j = 0..K-1, highest first (S=800, K=4: 799 599 399 199)."""
+  return np.array([total_steps - 1 - (j * total_steps) // num_steps for j in range(num_steps)],
+                  dtype=np.int32)
+
+
+def interval_lower_ends(total_steps: int, num_steps: int) -> np.ndarray:
+  """m for each student timestep tau_j: one above the next student timestep (0 for the last)."""
+  taus = student_timesteps(total_steps, num_steps)
+  return np.append(taus[1:] + 1, 0).astype(np.int32)
+
+
+def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
+  return jnp.reshape(v, v.shape + (1,) * (x.ndim - v.ndim))
+
+
+def _mean_per_sample(x: jax.Array) -> jax.Array:
+  return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
+def _batch_of(x: jax.Array, size: int, label: str):
+  if x.shape[0] != size:
+    raise ValueError(f"{label} has batch size {x.shape[0]}, expected {size}")
+
+
+def predict(apply: Apply, params, schedule: Schedule, x_t, t, cond, **extra):
+  """(x0, eps) from one network call, whatever its parameterisation."""
+  return schedule.to_x0_eps(apply(params, x_t, t, cond, **extra), x_t, t)
+
+
+def guided_predict(apply: Apply, params, schedule: Schedule, x_t, t, cond, uncond, scale: float, **extra):
+  """Classifier-free guidance: (x0, eps) of uncond + w (cond - uncond).
+
+  Both are linear in the network output, so guiding x0 or eps is the same move. The
+  conditional and unconditional halves go through the network as one batch of 2B.
+  """
+  if uncond is None or scale == 1.0:
+    return predict(apply, params, schedule, x_t, t, cond, **extra)
+  both = jax.tree.map(lambda c, u: jnp.concatenate([c, u]), cond, uncond)
+  extra2 = {name: jnp.concatenate([v, v]) for name, v in extra.items()}
+  x0, eps = predict(apply, params, schedule, jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), both, **extra2)
+  guide = lambda v: (lambda c, u: u + scale * (c - u))(*jnp.split(v, 2))
+  return guide(x0), guide(eps)
+
+
+def guided_x0(apply: Apply, params, schedule: Schedule, x_t, t, cond, uncond, scale: float):
+  """The teacher's guided x0: x0(uncond) + w (x0(cond) - x0(uncond))."""
+  return guided_predict(apply, params, schedule, x_t, t, cond, uncond, scale)[0]
+
+
+class Trajectory(NamedTuple):
+  """The student's K-step DDIM rollout; index j is timestep tau_j (highest first)."""
+  x: jax.Array  # (K, B, ...) the points x_{tau_j}
+  x0: jax.Array  # (K, B, ...) the student's x0 prediction there
+  eps: jax.Array  # (K, B, ...) and its eps
+  timesteps: jax.Array  # (K,)
+
+  @property
+  def sample(self) -> jax.Array:
+    """The rollout's output: the x0 of its last step."""
+    return self.x0[-1]
+
+
+def rollout(apply: Apply, params, schedule: Schedule, z, cond, timesteps, **extra) -> Trajectory:
+  """Deterministic DDIM over `timesteps` from z (taken as x at timesteps[0]), without gradients."""
+  params = jax.lax.stop_gradient(params)
+  timesteps = jnp.asarray(timesteps, jnp.int32)
+  next_steps = jnp.append(timesteps[1:], -1)
+
+  def step(x, ts):
+    t, t_next = ts
+    tb = jnp.full((x.shape[0],), t)
+    x0, eps = predict(apply, params, schedule, x, tb, cond, **extra)
+    return ddim_step(schedule, x0, eps, jnp.full_like(tb, t_next)), (x, x0, eps)
+
+  _, (xs, x0s, epss) = jax.lax.scan(step, z, (timesteps, next_steps))
+  return Trajectory(xs, x0s, epss, timesteps)
+
+
+class NoisySample(NamedTuple):
+  """The step-aware noisy sample x_t of TDM.md, with what the losses need of it."""
+  x_t: jax.Array
+  t: jax.Array  # (B,)
+  m: jax.Array  # (B,) the interval point the student's ODE was moved to
+  noise: jax.Array  # n, the fresh noise of the forward diffusion
+  effective_noise: jax.Array  # e, so that x_t = a_t x0_s + s_t e
+
+
+class Segments(NamedTuple):
+  """Which trajectory point each sample uses: j indexes the trajectory, k = K - j is TDM.md's k."""
+  j: jax.Array
+  k: jax.Array
+  t_k: jax.Array
+  m_k: jax.Array
+
+
+def draw_segments(key, batch_size: int, total_steps: int, num_steps: int) -> Segments:
+  """k ~ U{1..K} per sample, with its timestep t_k and interval lower end m_k."""
+  j = jax.random.randint(key, (batch_size,), 0, num_steps)
+  taus = jnp.asarray(student_timesteps(total_steps, num_steps))
+  lows = jnp.asarray(interval_lower_ends(total_steps, num_steps))
+  return Segments(j=j, k=num_steps - j, t_k=taus[j], m_k=lows[j])
+
+
+def gather_points(stacked: jax.Array, j: jax.Array) -> jax.Array:
+  """stacked (K, B, ...) -> (B, ...) taking point j[b] for sample b."""
+  return jnp.take_along_axis(stacked, _bcast(j, stacked[0])[None], axis=0)[0]
+
+
+def noisy_sample(key, schedule: Schedule, cfg: TDMConfig, x0_s, eps_s, seg: Segments) -> NoisySample:
+  """Move the student's prediction to m along its own ODE, then diffuse forward to t."""
+  b = x0_s.shape[0]
+  k_mid, k_t, k_n = jax.random.split(key, 3)
+  m = seg.m_k
+  if cfg.random_mid:
+    m = jax.random.randint(k_mid, (b,), seg.m_k, seg.t_k - cfg.mid_margin)
+  hi = seg.t_k - cfg.upper_margin if cfg.interval_mode == "separate" else jnp.full((b,), cfg.total_steps - cfg.upper_margin)
+  t = jax.random.randint(k_t, (b,), jnp.maximum(cfg.min_timestep, m), hi)
+  n = jax.random.normal(k_n, x0_s.shape, x0_s.dtype)
+  x_m = ddim_step(schedule, x0_s, eps_s, m)
+  x_t = diffuse(schedule, x_m, m, t, n)
+  a_t, s_t, a_m, s_m = schedule.a(t), schedule.s(t), schedule.a(m), schedule.s(m)
+  ratio = a_t / a_m
+  b_coef = jnp.sqrt(jnp.maximum(s_t**2 - (ratio * s_m)**2, 0.0))
+  e = (_bcast(ratio * s_m, eps_s) * eps_s + _bcast(b_coef, n) * n) / _bcast(s_t, n)
+  return NoisySample(x_t=x_t, t=t, m=m, noise=n, effective_noise=e)
+
+
+def importance_weight(effective_noise, noise) -> jax.Array:
+  """w = exp(-mean(e^2)/2) / exp(-mean(n^2)/2) per sample, computed as one exponent."""
+  return jnp.exp(0.5 * (_mean_per_sample(noise**2) - _mean_per_sample(effective_noise**2)))
+
+
+def fake_score_weight(schedule: Schedule, cfg: TDMConfig, sample: NoisySample) -> jax.Array:
+  """Per-sample weight of the fake-score loss: min-SNR times the importance weight."""
+  w = jnp.ones(sample.t.shape, jnp.float32)
+  if cfg.min_snr_gamma > 0:
+    w = w * jnp.minimum(schedule.snr(sample.t), cfg.min_snr_gamma)
+  if cfg.importance_weighting:
+    w = w * importance_weight(sample.effective_noise, sample.noise)
+  return jax.lax.stop_gradient(w)
+
+
+def fake_score_loss(fake_params, fake_apply: Apply, schedule: Schedule, cfg: TDMConfig, x0_s,
+                    sample: NoisySample, cond, **extra):
+  """L_F = mean_b( mean|x0_F(x_t, t) - x0_s|^2 * min(snr, gamma) * w ); x0_s carries no gradient."""
+  x0_f, _ = predict(fake_apply, fake_params, schedule, sample.x_t, sample.t, cond, **extra)
+  weight = fake_score_weight(schedule, cfg, sample)
+  per_sample = _mean_per_sample((x0_f.astype(jnp.float32) - jax.lax.stop_gradient(x0_s))**2)
+  loss = jnp.mean(per_sample * weight)
+  return loss, {"fake_loss": loss, "fake_weight": jnp.mean(weight)}
+
+
+def generator_loss_from_target(x0_s, target, normalizer, cfg: TDMConfig):
+  """Pseudo-Huber (or squared) distance of x0_s to a fixed target, per-sample normalised."""
+  diff = x0_s.astype(jnp.float32) - target
+  if cfg.loss_type == "huber":
+    per_elem = jnp.sqrt(diff**2 + cfg.huber_c**2) - cfg.huber_c
+    return jnp.mean(per_elem / _bcast(normalizer, diff))
+  if cfg.loss_type == "huber_norm":
+    c = cfg.huber_norm_coef * float(np.sqrt(np.prod(diff.shape[1:])))
+    per_sample = jnp.sqrt(jnp.sum(diff**2, axis=tuple(range(1, diff.ndim))) + c**2) - c
+    return jnp.mean(per_sample / normalizer)
+  return jnp.mean(diff**2 / _bcast(normalizer, diff))
+
+
+def generator_target(x0_s, x0_real, x0_fake, cfg: TDMConfig):
+  """y = x0_s + (x0_real - x0_fake) and d = mean|x0_s - x0_real|, both without gradient."""
+  sg = jax.lax.stop_gradient
+  x0_s, x0_real, x0_fake = sg(x0_s).astype(jnp.float32), sg(x0_real).astype(jnp.float32), sg(x0_fake).astype(jnp.float32)
+  target = x0_s + (x0_real - x0_fake)
+  normalizer = jnp.maximum(_mean_per_sample(jnp.abs(x0_s - x0_real)), cfg.normalizer_floor)
+  return target, normalizer
+
+
+class Networks(NamedTuple):
+  """Three roles, one call signature. Student and fake score default to the teacher's apply."""
+  teacher: Apply
+  student: Optional[Apply] = None
+  fake: Optional[Apply] = None
+
+  def resolved(self) -> "Networks":
+    return Networks(self.teacher, self.student or self.teacher, self.fake or self.teacher)
+
+
+class TDMState(NamedTuple):
+  """What trains: student and fake score with their optimiser states (and an optional EMA)."""
+  step: jax.Array
+  student_params: PyTree
+  fake_params: PyTree
+  student_opt_state: PyTree
+  fake_opt_state: PyTree
+  ema_params: PyTree = None
+
+
+def init_state(student_params, fake_params, student_tx: optax.GradientTransformation,
+               fake_tx: optax.GradientTransformation, use_ema: bool = False) -> TDMState:
+  """Student and fake score start as (copies of) the teacher's parameters."""
+  copy = lambda tree: jax.tree.map(jnp.array, tree)
+  student_params, fake_params = copy(student_params), copy(fake_params)
+  return TDMState(step=jnp.zeros((), jnp.int32), student_params=student_params, fake_params=fake_params,
+                  student_opt_state=student_tx.init(student_params), fake_opt_state=fake_tx.init(fake_params),
+                  ema_params=copy(student_params) if use_ema else None)
+
+
+def _extras(cfg: TDMConfig, num_steps: int, batch: int, seg: Optional[Segments] = None, fake=False):
+  extra = {}
+  if cfg.step_conditioning:
+    extra["num_steps"] = jnp.full((batch,), num_steps, jnp.int32)
+  if fake and cfg.condition_fake_on_segment and seg is not None:
+    extra["segment"] = seg.k
+  return extra
+
+
+def _iteration_for_k(num_steps: int, state: TDMState, teacher_params, cond, uncond, key, *, nets: Networks,
+                     schedule: Schedule, cfg: TDMConfig, student_tx, fake_tx, sample_shape: tuple,
+                     ema_decay: float):
+  """One TDM iteration at a fixed K: rollout, fake-score update, then generator update."""
+  nets = nets.resolved()
+  sg = jax.lax.stop_gradient
+  batch = jax.tree.leaves(cond)[0].shape[0]
+  jax.tree.map(lambda u: _batch_of(u, batch, "the unconditional input"), uncond)
+  noise_key, fake_key, gen_key = (rng.role_key(key, r) for r in
+                                  (rng.Role.STUDENT_NOISE, rng.Role.FAKE_SAMPLE, rng.Role.GENERATOR_SAMPLE))
+  student_extra = _extras(cfg, num_steps, batch)
+
+  # 1. The student's K-step trajectory, once for the whole batch, without gradients.
+  z = jax.random.normal(noise_key, (batch,) + tuple(sample_shape), jnp.float32)
+  traj = rollout(nets.student, state.student_params, schedule, z, cond,
+                 student_timesteps(cfg.total_steps, num_steps), **student_extra)
+
+  # 2. Fake-score update on a step-aware sample built from the rollout's own predictions.
+  seg_key, sample_key = jax.random.split(fake_key)
+  seg = draw_segments(seg_key, batch, cfg.total_steps, num_steps)
+  x0_s, eps_s = gather_points(traj.x0, seg.j), gather_points(traj.eps, seg.j)
+  sample = noisy_sample(sample_key, schedule, cfg, x0_s, eps_s, seg)
+  (fake_loss, fake_aux), fake_grads = jax.value_and_grad(fake_score_loss, has_aux=True)(
+      state.fake_params, nets.fake, schedule, cfg, x0_s, sample, cond,
+      **_extras(cfg, num_steps, batch, seg, fake=True))
+  updates, fake_opt_state = fake_tx.update(fake_grads, state.fake_opt_state, state.fake_params)
+  fake_params = optax.apply_updates(state.fake_params, updates)
+
+  # 3. Generator update on a fresh sample; gradient only through the student's x0 at (x_k, t_k).
+  seg_key, sample_key = jax.random.split(gen_key)
+  seg = draw_segments(seg_key, batch, cfg.total_steps, num_steps)
+  x_k = gather_points(traj.x, seg.j)
+  student_fn = lambda p: predict(nets.student, p, schedule, x_k, seg.t_k, cond, **student_extra)
+  (x0_s, eps_s), student_vjp = jax.vjp(student_fn, state.student_params)
+  sample = noisy_sample(sample_key, schedule, cfg, sg(x0_s), sg(eps_s), seg)
+  x0_real = guided_x0(nets.teacher, teacher_params, schedule, sample.x_t, sample.t, cond, uncond,
+                      cfg.guidance_scale)
+  x0_fake, _ = predict(nets.fake, fake_params, schedule, sample.x_t, sample.t, cond,
+                       **_extras(cfg, num_steps, batch, seg, fake=True))
+  target, normalizer = generator_target(x0_s, x0_real, x0_fake, cfg)
+  gen_loss, grad_x0 = jax.value_and_grad(generator_loss_from_target)(x0_s, target, normalizer, cfg)
+  (student_grads,) = student_vjp((grad_x0, jnp.zeros_like(eps_s)))
+  updates, student_opt_state = student_tx.update(student_grads, state.student_opt_state, state.student_params)
+  student_params = optax.apply_updates(state.student_params, updates)
+
+  ema_params = state.ema_params
+  if ema_params is not None:
+    ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema_params, student_params)
+  new_state = TDMState(step=state.step + 1, student_params=student_params, fake_params=fake_params,
+                       student_opt_state=student_opt_state, fake_opt_state=fake_opt_state, ema_params=ema_params)
+  metrics = {
+      **fake_aux,
+      "generator_loss": gen_loss,
+      "normalizer": jnp.mean(normalizer),
+      "student_grad_norm": optax.global_norm(student_grads),
+      "fake_grad_norm": optax.global_norm(fake_grads),
+      "num_steps": jnp.asarray(num_steps, jnp.float32),
+  }
+  return new_state, metrics
+
+
+def tdm_iteration(state: TDMState, teacher_params, cond, uncond, key, *, nets: Networks, schedule: Schedule,
+                  cfg: TDMConfig, student_tx: optax.GradientTransformation, fake_tx: optax.GradientTransformation,
+                  sample_shape: tuple, ema_decay: float = 0.0):
+  """One full TDM iteration. Pure: jit it with everything after `key` static (functools.partial).
+
+  cond / uncond: conditioning pytrees with a leading batch axis (uncond is what the teacher's
+  classifier-free guidance contrasts with). key: this iteration's key (see rng.iteration_key).
+  With `cfg.step_choices`, K is drawn per iteration and every K's branch is compiled into the one
+  program (lax.switch), so the iteration still compiles once.
+  """
+  body = functools.partial(_iteration_for_k, nets=nets, schedule=schedule, cfg=cfg, student_tx=student_tx,
+                           fake_tx=fake_tx, sample_shape=tuple(sample_shape), ema_decay=ema_decay)
+  counts = cfg.all_step_counts
+  if len(counts) == 1:
+    return body(counts[0], state, teacher_params, cond, uncond, key)
+  index = jax.random.randint(rng.role_key(key, rng.Role.STEP_COUNT), (), 0, len(counts))
+  branches = [functools.partial(body, k) for k in counts]
+  return jax.lax.switch(index, branches, state, teacher_params, cond, uncond, key)
