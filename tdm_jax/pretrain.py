@@ -46,7 +46,8 @@ def pretrain(apply: Callable, params: PyTree, schedule: Schedule, data: Callable
   Deterministic in (seed, iteration), like distillation. Meant for the small teachers of the
   examples, which train in seconds to minutes.
   """
-  lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1), max(num_iterations, 2),
+  warmup_steps = max(warmup_steps, 1)
+  lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(num_iterations, warmup_steps + 1),
                                           end_value=0.1 * learning_rate)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
 

@@ -346,8 +346,8 @@ def _iteration_for_k(num_steps: int, state: TDMState, teacher_params, cond, unco
       **fake_aux,
       "generator_loss": gen_loss,
       "normalizer": jnp.mean(normalizer),
-      "student_grad_norm": optax.global_norm(student_grads),
-      "fake_grad_norm": optax.global_norm(fake_grads),
+      "student_grad_norm": optax.tree.norm(student_grads),
+      "fake_grad_norm": optax.tree.norm(fake_grads),
       "num_steps": jnp.asarray(num_steps, jnp.float32),
   }
   return new_state, metrics

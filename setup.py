@@ -1,0 +1,41 @@
+"""tdm_jax: Trajectory Distribution Matching distillation of diffusion models in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.0",
+    "flax>=0.12.0",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.12.0",
+    "ml_collections>=1.1.0",
+    "absl-py>=2.1.0",
+    "tensorflow-datasets>=4.9.8",
+    "diffusers>=0.40.0",
+    "transformers>=5.0.0",
+    "safetensors>=0.5.0",
+    "numpy>=2.0",
+    "tqdm>=4.66",
+    "pillow>=10.0",
+    "tensorboardX>=2.6.2",
+]
+
+EXTRAS_REQUIRE = {
+    # torch is only a parity reference in tests; install torch==2.13.0 (the CPU build) first,
+    # then this range installs nothing more. Runtime code never imports torch.
+    "test": ["pytest>=8.0", "torch>=2.4,<=2.14.1", "scipy>=1.11"],
+    "gpu": ["jax[cuda12]"],
+    "tpu": ["jax[tpu]"],
+}
+
+setup(
+    name="tdm_jax",
+    version="0.1.0",
+    description="Distil diffusion models into few-step generators with Trajectory Distribution Matching (JAX/Flax).",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tdm_jax", "tdm_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["tdm_jax=tdm_jax.main:entry_point"]},
+)

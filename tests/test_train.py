@@ -1,0 +1,200 @@
+"""The distillation loop: one compilation, resumption, strict checkpoints, NaN handling, metrics."""
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tdm_jax import checkpoint, metrics, tdm, toy_task, train
+
+from conftest import REPO
+
+
+def _task(config, teacher_dir, workdir):
+  os.makedirs(workdir, exist_ok=True)
+  if not os.path.exists(os.path.join(workdir, "teacher")):
+    shutil.copytree(os.path.join(teacher_dir, "teacher"), os.path.join(workdir, "teacher"))
+  return toy_task.build_task(config, workdir, progress=False)
+
+
+def _leaves(state):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
+
+
+def test_iterations_compile_once(toy_config, toy_teacher_dir, tmp_path, monkeypatch):
+  traces = []
+  original = tdm.tdm_iteration
+
+  def counting(*args, **kwargs):
+    traces.append(1)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(tdm, "tdm_iteration", counting)
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, *_, **__: compiles.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+
+  def run(n, name):
+    toy_config.train.num_iterations = n
+    toy_config.train.checkpoint_every = 0
+    task = _task(toy_config, toy_teacher_dir, str(tmp_path / name))
+    traces.clear()
+    before = len(compiles)
+    train.distill(task, toy_config, str(tmp_path / name))
+    return len(traces), len(compiles) - before
+
+  traces_short, compiles_short = run(3, "short")
+  traces_long, compiles_long = run(12, "long")
+  assert traces_short == traces_long == 1
+  assert compiles_long == compiles_short  # nothing compiles per iteration
+
+
+def test_metrics_written_and_truncated_on_resume(toy_config, toy_teacher_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  task = _task(toy_config, toy_teacher_dir, workdir)
+  train.distill(task, toy_config, workdir)
+  records = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  assert [r["step"] for r in records] == list(range(1, 9))
+  assert {"fake_loss", "generator_loss", "student_lr", "fake_lr"} <= set(records[0])
+  assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+  # A crash after step 4's checkpoint leaves lines for 5..8; resuming drops them and logs them again.
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "8"))
+  train.distill(task, toy_config, workdir)
+  again = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  assert [r["step"] for r in again] == list(range(1, 9))
+  assert again == records  # the resumed run repeats the draws exactly
+
+
+def test_corrupt_checkpoint_is_an_error_naming_step_and_path(toy_config, toy_teacher_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  task = _task(toy_config, toy_teacher_dir, workdir)
+  train.distill(task, toy_config, workdir)
+  step_dir = os.path.join(workdir, "checkpoints", "8")
+  for path in glob.glob(os.path.join(step_dir, "default", "d", "*")):
+    with open(path, "r+b") as f:
+      f.truncate(10)
+  toy_config.train.num_iterations = 12
+  with pytest.raises(checkpoint.CheckpointError, match=r"step 8 at .*checkpoints/8.*delete .* resume from step 4"):
+    train.distill(task, toy_config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]  # nothing re-initialised
+
+
+def test_partial_checkpoint_is_an_error(toy_config, toy_teacher_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  task = _task(toy_config, toy_teacher_dir, workdir)
+  train.distill(task, toy_config, workdir)
+  os.remove(os.path.join(workdir, "checkpoints", "8", "default", "_METADATA"))
+  with pytest.raises(checkpoint.CheckpointError, match=r"step 8 at .*checkpoints/8"):
+    train.restore_state(task, toy_config, workdir)
+
+
+def test_interrupted_save_resumes_from_previous_checkpoint(toy_config, toy_teacher_dir, tmp_path):
+  """An orbax temporary folder (a save cut short) is not a checkpoint: the run resumes before it."""
+  straight = str(tmp_path / "straight")
+  train.distill(_task(toy_config, toy_teacher_dir, straight), toy_config, straight)
+  workdir = str(tmp_path / "run")
+  task = _task(toy_config, toy_teacher_dir, workdir)
+  toy_config.train.num_iterations = 4
+  train.distill(task, toy_config, workdir)
+  shutil.copytree(os.path.join(workdir, "checkpoints", "4"),
+                  os.path.join(workdir, "checkpoints", "8.orbax-checkpoint-tmp-1234"))
+  toy_config.train.num_iterations = 8
+  resumed = train.distill(task, toy_config, workdir)
+  expected = train.restore_state(task, toy_config, straight)
+  assert all(np.array_equal(a, b) for a, b in zip(_leaves(resumed), _leaves(expected)))
+
+
+def test_nan_loss_stops_with_iteration_named_and_checkpoint_intact(toy_config, toy_teacher_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  task = _task(toy_config, toy_teacher_dir, workdir)
+  toy_config.train.num_iterations = 4
+  train.distill(task, toy_config, workdir)
+  good = _leaves(train.restore_state(task, toy_config, workdir))
+  poisoned = task.__class__(**{**task.__dict__,
+                               "teacher_params": jax.tree.map(lambda x: x * jnp.nan, task.teacher_params)})
+  toy_config.train.num_iterations = 8
+  with pytest.raises(train.NonFiniteLossError, match=r"iteration 5: .*step 4 at .*checkpoints/4"):
+    train.distill(poisoned, toy_config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
+  after = _leaves(train.restore_state(task, toy_config, workdir))
+  assert all(np.array_equal(a, b) for a, b in zip(good, after))
+
+
+def test_batch_size_must_divide_over_the_mesh(toy_config, toy_teacher_dir, tmp_path):
+  toy_config.train.batch_size = 3
+  toy_config.mesh.shape = (1, 1, 1)
+  workdir = str(tmp_path / "run")
+  ok = _task(toy_config, toy_teacher_dir, workdir)
+  train.distill(ok, toy_config, workdir)  # any batch size on one device
+  toy_config.mesh.shape = (2, 1, 1)
+  with pytest.raises(ValueError, match="mesh.shape"):
+    train.distill(ok, toy_config, str(tmp_path / "other"))
+
+
+# --- the command line, in subprocesses -------------------------------------------------------------
+
+_TINY_FLAGS = [
+    "--config=configs/toy.py", "--config.model.width=32", "--config.model.depth=2",
+    "--config.model.time_embed_dim=16", "--config.teacher.num_iterations=100", "--config.teacher.batch_size=64", "--config.teacher.warmup_steps=10",
+    "--config.train.batch_size=16", "--config.train.evaluate_after=False", "--config.train.progress=False",
+]
+
+
+def _main(workdir, *extra, wait=True):
+  cmd = [sys.executable, "-m", "tdm_jax.main", f"--workdir={workdir}", *_TINY_FLAGS, *extra]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  if wait:
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_unknown_config_key_names_it_and_the_nearest(tmp_path):
+  result = _main(str(tmp_path), "--config.train.batchsize=8")
+  assert result.returncode != 0
+  assert "batchsize" in result.stderr and "batch_size" in result.stderr
+
+
+def test_unknown_key_in_a_config_file_is_an_error(tmp_path):
+  path = tmp_path / "typo.py"
+  path.write_text("from configs import toy\n\ndef get_config():\n  config = toy.get_config()\n"
+                  "  config.train.num_iteration = 5\n  return config\n")
+  cmd = [sys.executable, "-m", "tdm_jax.main", f"--config={path}", f"--workdir={tmp_path / 'w'}"]
+  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": REPO})
+  assert result.returncode != 0
+  assert "num_iteration" in result.stderr and "num_iterations" in result.stderr
+
+
+def test_sigkill_then_resume_is_bitwise_identical(toy_config, toy_teacher_dir, tmp_path):
+  n = 40
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  for workdir in (straight, killed):
+    shutil.copytree(os.path.join(toy_teacher_dir, "teacher"), os.path.join(workdir, "teacher"))
+  flags = [f"--config.train.num_iterations={2 * n}", f"--config.train.checkpoint_every={n}"]
+  done = _main(straight, *flags)
+  assert done.returncode == 0, done.stderr[-2000:]
+
+  proc = _main(killed, *flags, wait=False)
+  marker = os.path.join(killed, "checkpoints", str(n))
+  deadline = time.time() + 240
+  while not os.path.isdir(marker) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.005)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+  assert os.path.isdir(marker)
+  resumed = _main(killed, *flags)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+  toy_config.train.num_iterations = 2 * n
+  task = toy_task.build_task(toy_config, straight, progress=False)
+  a = _leaves(train.restore_state(task, toy_config, straight, step=2 * n))
+  b = _leaves(train.restore_state(task, toy_config, killed, step=2 * n))
+  assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
