@@ -25,6 +25,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and outputs.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+_DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False,
+                                 "Call jax.distributed.initialize() first (multi-host: TPU pods, SLURM).")
 
 
 def task_module(config):
@@ -69,6 +71,8 @@ def main(argv):
     raise app.UsageError("--workdir is required: the folder for checkpoints, metrics and outputs")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
   logging.info("config:\n%s", _CONFIG.value)
   run(_CONFIG.value, _WORKDIR.value, _MODE.value)
 

@@ -122,12 +122,13 @@ def evaluate(config, task: Task, student_params) -> list:
     return jax.jit(functools.partial(sample.student_sample, task.apply, num_steps=steps,
                                      total_steps=cfg.total_steps, step_conditioning=bool(cfg.step_choices)))
 
+  calls = 1 if cfg.guidance_scale == 1.0 else 2  # network calls per teacher step
   ref_fn = teacher(e.reference_steps, e.reference_solver)
   reference, _ = _timed(ref_fn, task.teacher_params, task.schedule, z_ref, cond, uncond)
   candidates = [(f"teacher, {e.reference_steps} steps, CFG {cfg.guidance_scale} (fresh noise)", "teacher",
-                 2 * e.reference_steps, ref_fn, (task.teacher_params, task.schedule, z_floor, cond, uncond))]
+                 calls * e.reference_steps, ref_fn, (task.teacher_params, task.schedule, z_floor, cond, uncond))]
   for steps in e.teacher_steps:
-    candidates.append((f"teacher, {steps} DDIM steps, CFG {cfg.guidance_scale}", "teacher", 2 * steps,
+    candidates.append((f"teacher, {steps} DDIM steps, CFG {cfg.guidance_scale}", "teacher", calls * steps,
                        teacher(steps, "ddim"), (task.teacher_params, task.schedule, z, cond, uncond)))
   for steps in e.student_steps:
     candidates.append((f"TDM student, {steps} steps", "student", steps, student(steps),
