@@ -32,6 +32,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.batch_size = 256
   config.train.checkpoint_every = 100
   config.eval.num_samples = 2000
-  config.eval.batch_size = 2000
   config.lock()
   return config

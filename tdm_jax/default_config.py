@@ -44,6 +44,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.teacher = ml_collections.ConfigDict()  # where the teacher comes from
   config.eval = ml_collections.ConfigDict(dict(
       num_samples=1000, student_steps=(1, 2, 4), teacher_steps=(4,), reference_steps=100,
-      reference_solver="ddim", batch_size=1000))
+      reference_solver="ddim", student_solver="ddim"))
   config.lock()
   return config

@@ -120,7 +120,8 @@ def evaluate(config, task: Task, student_params) -> list:
 
   def student(steps):
     return jax.jit(functools.partial(sample.student_sample, task.apply, num_steps=steps,
-                                     total_steps=cfg.total_steps, step_conditioning=bool(cfg.step_choices)))
+                                     total_steps=cfg.total_steps, step_conditioning=bool(cfg.step_choices),
+                                     solver=e.student_solver))
 
   calls = 1 if cfg.guidance_scale == 1.0 else 2  # network calls per teacher step
   ref_fn = teacher(e.reference_steps, e.reference_solver)

@@ -14,7 +14,6 @@ import os
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging

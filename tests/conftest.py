@@ -27,7 +27,6 @@ def tiny_toy_config():
   config.train.progress = False
   config.train.evaluate_after = False
   config.eval.num_samples = 64
-  config.eval.batch_size = 64
   config.eval.reference_steps = 10
   return config
 

@@ -129,14 +129,17 @@ def test_nan_loss_stops_with_iteration_named_and_checkpoint_intact(toy_config, t
 
 
 def test_batch_size_must_divide_over_the_mesh(toy_config, toy_teacher_dir, tmp_path):
-  toy_config.train.batch_size = 3
-  toy_config.mesh.shape = (1, 1, 1)
+  devices = jax.device_count()
+  toy_config.mesh.shape = (-1, 1, 1)
+  toy_config.train.batch_size = 2 * devices
+  toy_config.train.num_iterations = 2
   workdir = str(tmp_path / "run")
-  ok = _task(toy_config, toy_teacher_dir, workdir)
-  train.distill(ok, toy_config, workdir)  # any batch size on one device
-  toy_config.mesh.shape = (2, 1, 1)
+  task = _task(toy_config, toy_teacher_dir, workdir)
+  train.distill(task, toy_config, workdir)  # a multiple of the batch shards
+  toy_config.train.batch_size = 2 * devices + 1
+  toy_config.mesh.shape = (-1, 1, 1) if devices > 1 else (2, 1, 1)  # one device: a mesh it cannot fill
   with pytest.raises(ValueError, match="mesh.shape"):
-    train.distill(ok, toy_config, str(tmp_path / "other"))
+    train.distill(task, toy_config, str(tmp_path / "other"))
 
 
 # --- the command line, in subprocesses -------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Diffusers/Transformers weights <-> our Flax parameter trees, one module per model."""

@@ -1,0 +1,159 @@
+"""Diffusers UNet2DConditionModel state dict <-> our `tdm_jax.models.unet` parameter tree.
+
+Names: Diffusers' `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight` is our
+`down_blocks_1/attentions_0/transformer_blocks_0/attn1/to_q/kernel` (a list index joins the name
+before it). Layouts: conv weights OIHW <-> HWIO, linear weights (out, in) <-> (in, out), norm
+`weight` <-> `scale`. The expected tree is `jax.eval_shape` of the model's init, so every mismatch
+is caught and named before anything is built.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Mapping, Tuple, Union
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
+
+# Diffusers containers whose children are indexed (`resnets.0`); ours are `resnets_0`.
+_LISTS = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks",
+          "downsamplers", "upsamplers", "to_out", "net")
+_LIST_RE = re.compile(r"^(%s)_(\d+)$" % "|".join(_LISTS))
+
+
+class UNetConversionError(ValueError):
+  """A checkpoint does not fit the configured UNet; the message names every offending tensor."""
+
+
+def _as_config(config: Union[UNetConfig, Mapping[str, Any]]) -> UNetConfig:
+  return config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)
+
+
+def expected_param_shapes(config: Union[UNetConfig, Mapping[str, Any]]) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
+  """Flattened {path: shape} of the UNet's parameters, from `jax.eval_shape` of init (no FLOPs)."""
+  config = _as_config(config)
+  model = UNet2DConditionModel(config)
+  h = w = 2 ** (len(config.block_out_channels) - 1)
+  sample = jnp.zeros((1, config.in_channels, h, w), jnp.float32)
+  context = jnp.zeros((1, 1, config.cross_attention_dim), jnp.float32)
+  added = None
+  if config.addition_embed_type == "text_time":
+    text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    added = {"text_embeds": jnp.zeros((1, text_dim)), "time_ids": jnp.zeros((1, 6))}
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, jnp.zeros((1,)), context, added))
+  params = flax.core.meta.unbox(variables["params"])
+  return {path: tuple(leaf.shape) for path, leaf in flax.traverse_util.flatten_dict(params).items()}
+
+
+def _our_path(name: str) -> Tuple[str, ...]:
+  """'down_blocks.0.resnets.1.norm1.weight' -> ('down_blocks_0', 'resnets_1', 'norm1', 'weight')."""
+  parts = []
+  for part in name.split("."):
+    if part.isdigit() and parts:
+      parts[-1] = f"{parts[-1]}_{part}"
+    else:
+      parts.append(part)
+  return tuple(parts)
+
+
+def _diffusers_name(path: Tuple[str, ...]) -> str:
+  parts = []
+  for part in path:
+    m = _LIST_RE.match(part)
+    parts.append(f"{m.group(1)}.{m.group(2)}" if m else part)
+  return ".".join(parts)
+
+
+def _leaf_candidates(prefix: Tuple[str, ...], leaf: str):
+  if leaf == "weight":
+    return [prefix + ("kernel",), prefix + ("scale",)]
+  if leaf == "bias":
+    return [prefix + ("bias",)]
+  return []
+
+
+def _torch_shape(shape: Tuple[int, ...]) -> Tuple[int, ...]:
+  """The Diffusers-layout shape of one of our parameters."""
+  if len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  if len(shape) == 2:
+    return (shape[1], shape[0])
+  return tuple(shape)
+
+
+def _to_ours(value: np.ndarray) -> np.ndarray:
+  if value.ndim == 4:
+    return np.transpose(value, (2, 3, 1, 0))
+  if value.ndim == 2:
+    return np.transpose(value, (1, 0))
+  return value
+
+
+def _to_torch(value: np.ndarray) -> np.ndarray:
+  if value.ndim == 4:
+    return np.transpose(value, (3, 2, 0, 1))
+  if value.ndim == 2:
+    return np.transpose(value, (1, 0))
+  return value
+
+
+def unet_params_from_state_dict(state_dict: Mapping[str, np.ndarray],
+                                config: Union[UNetConfig, Mapping[str, Any]]) -> Dict[str, Any]:
+  """Diffusers UNet state dict (name -> array) -> our parameter tree (the "params" collection).
+
+  Use as `model.apply({"params": params}, ...)`. Arrays keep the checkpoint's dtype. Raises
+  UNetConversionError naming every unused tensor, every unfilled parameter and every shape mismatch.
+  """
+  expected = expected_param_shapes(config)
+  filled: Dict[Tuple[str, ...], np.ndarray] = {}
+  unused, mismatched = [], []
+  for name in sorted(state_dict):
+    parts = _our_path(name)
+    target = next((p for p in _leaf_candidates(parts[:-1], parts[-1]) if p in expected), None)
+    if target is None:
+      unused.append(name)
+      continue
+    value = np.asarray(state_dict[name])
+    want = _torch_shape(expected[target])
+    if tuple(value.shape) != want:
+      mismatched.append(f"{name}: expected {want}, got {tuple(value.shape)}")
+      continue
+    filled[target] = _to_ours(value)
+  unfilled = sorted(_diffusers_name(p[:-1] + ("weight" if p[-1] in ("kernel", "scale") else p[-1],))
+                    for p in expected if p not in filled)
+  unfilled = [n for n in unfilled if not any(m.startswith(n + ":") for m in mismatched)]
+  problems = []
+  if mismatched:
+    problems.append(f"{len(mismatched)} tensor(s) with the wrong shape:\n  " + "\n  ".join(mismatched))
+  if unused:
+    problems.append(f"{len(unused)} checkpoint tensor(s) unused:\n  " + "\n  ".join(unused))
+  if unfilled:
+    problems.append(f"{len(unfilled)} parameter(s) missing from the checkpoint:\n  " + "\n  ".join(unfilled))
+  if problems:
+    raise UNetConversionError("UNet checkpoint does not match the config:\n" + "\n".join(problems))
+  return flax.traverse_util.unflatten_dict(filled)
+
+
+def unet_state_dict_from_params(params: Mapping[str, Any],
+                                config: Union[UNetConfig, Mapping[str, Any]]) -> Dict[str, np.ndarray]:
+  """Our parameter tree -> Diffusers UNet state dict (name -> numpy array), checked against config."""
+  expected = expected_param_shapes(config)
+  flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(flax.core.unfreeze(params)))
+  missing = sorted("/".join(p) for p in expected if p not in flat)
+  extra = sorted("/".join(p) for p in flat if p not in expected)
+  wrong = sorted(f"{'/'.join(p)}: expected {expected[p]}, got {tuple(np.shape(v))}"
+                 for p, v in flat.items() if p in expected and tuple(np.shape(v)) != expected[p])
+  if missing or extra or wrong:
+    raise UNetConversionError(
+        "UNet params do not match the config:\n"
+        + (f"  missing: {missing}\n" if missing else "") + (f"  extra: {extra}\n" if extra else "")
+        + (f"  wrong shape: {wrong}\n" if wrong else ""))
+  out = {}
+  for path, value in flat.items():
+    leaf = "weight" if path[-1] in ("kernel", "scale") else path[-1]
+    out[_diffusers_name(path[:-1] + (leaf,))] = _to_torch(np.asarray(jax.device_get(value)))
+  return out
