@@ -1,0 +1,142 @@
+"""Our Flax UNet2DConditionModel equals Diffusers' on the same (tiny, random) weights."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
+from tdm_jax.convert.unet import (UNetConversionError, unet_params_from_state_dict,  # pylint: disable=g-import-not-at-top
+                                  unet_state_dict_from_params)
+from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig  # pylint: disable=g-import-not-at-top
+
+SD15 = dict(
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=8, cross_attention_dim=32, norm_num_groups=8)
+
+TEXT_DIM = 24
+SDXL = dict(
+    sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(2, 4), cross_attention_dim=40, norm_num_groups=16, use_linear_projection=True,
+    transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=TEXT_DIM + 6 * 8)
+
+
+def _diffusers_unet(kwargs, tmp_path):
+  """A random Diffusers UNet, saved and read back as a numpy state dict and its config.json dict."""
+  torch.manual_seed(0)
+  model = diffusers.UNet2DConditionModel(**kwargs).eval()
+  # Diffusers zero-initialises some layers (e.g. proj_out); randomise everything for a real test.
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      is_norm_scale = p.ndim == 1 and name.endswith("weight")
+      p.copy_(torch.randn_like(p) * 0.1 + (1.0 if is_norm_scale else 0.0))
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  state = load_file(str(tmp_path / "diffusion_pytorch_model.safetensors"))
+  return model, state, dict(model.config)
+
+
+def _inputs(kwargs, batch=2):
+  rng = np.random.default_rng(0)
+  size = kwargs["sample_size"]
+  sample = rng.standard_normal((batch, kwargs["in_channels"], size, size)).astype(np.float32)
+  timesteps = np.array([10, 700][:batch], np.int64)
+  context = rng.standard_normal((batch, 7, kwargs["cross_attention_dim"])).astype(np.float32)
+  added = None
+  if kwargs.get("addition_embed_type") == "text_time":
+    added = {"text_embeds": rng.standard_normal((batch, TEXT_DIM)).astype(np.float32),
+             "time_ids": np.array([[1024, 1024, 0, 0, 1024, 1024], [768, 512, 16, 32, 1024, 1024]][:batch],
+                                  np.float32)}
+  return sample, timesteps, context, added
+
+
+def _check_parity(kwargs, tmp_path):
+  model, state, config_dict = _diffusers_unet(kwargs, tmp_path)
+  config = UNetConfig.from_dict(config_dict)
+  params = unet_params_from_state_dict(state, config)
+  sample, timesteps, context, added = _inputs(kwargs)
+  with torch.no_grad():
+    theirs = model(torch.from_numpy(sample), torch.from_numpy(timesteps), torch.from_numpy(context),
+                   added_cond_kwargs=None if added is None else {k: torch.from_numpy(v) for k, v in added.items()}
+                   ).sample.numpy()
+  ours = jax.jit(UNet2DConditionModel(config).apply)({"params": params}, sample, timesteps, context, added)
+  ours = np.asarray(ours)
+  assert ours.shape == theirs.shape
+  err = float(np.max(np.abs(ours - theirs)))
+  scale = max(1.0, float(np.max(np.abs(theirs))))
+  print(f"max|ours - theirs| = {err:.3e}, max|theirs| = {float(np.max(np.abs(theirs))):.3f}")
+  assert err <= 1e-4 * scale, (err, scale)
+  return state, config
+
+
+def test_sd15_style_parity(tmp_path):
+  _check_parity(SD15, tmp_path)
+
+
+def test_sdxl_style_parity_and_round_trip(tmp_path):
+  state, config = _check_parity(SDXL, tmp_path)
+  back = unet_state_dict_from_params(unet_params_from_state_dict(state, config), config)
+  assert sorted(back) == sorted(state)
+  for name, value in state.items():
+    np.testing.assert_array_equal(back[name], value, err_msg=name)
+
+
+def test_logical_axes_on_every_param():
+  config = UNetConfig.from_dict(SD15)
+  sample, timesteps, context, _ = _inputs(SD15, batch=1)
+  variables = jax.eval_shape(lambda: UNet2DConditionModel(config).init(
+      jax.random.PRNGKey(0), sample[:, :, :4, :4], timesteps, context))
+  leaves = jax.tree_util.tree_leaves(variables["params"], is_leaf=lambda x: hasattr(x, "names"))
+  assert leaves and all(hasattr(x, "names") and len(x.names) == len(x.value.shape) for x in leaves)
+
+
+def test_remat_same_output_and_traces_gradient():
+  config = UNetConfig.from_dict(SD15)
+  sample, timesteps, context, _ = _inputs(SD15, batch=1)
+  sample = sample[:, :, :4, :4]
+  shapes = jax.eval_shape(UNet2DConditionModel(config).init, jax.random.PRNGKey(0), sample, timesteps, context)
+  rng = np.random.default_rng(0)  # Random values without compiling init (slow on CPU).
+  variables = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.standard_normal(x.shape) * 0.1, jnp.float32),
+                                     flax.core.meta.unbox(shapes))
+  outputs = [jax.jit(UNet2DConditionModel(config, remat=remat).apply)(variables, sample, timesteps, context)
+             for remat in (False, True)]
+  np.testing.assert_allclose(np.asarray(outputs[0]), np.asarray(outputs[1]), rtol=1e-5, atol=1e-5)
+  loss = lambda v: jnp.sum(UNet2DConditionModel(config, remat=True).apply(v, sample, timesteps, context) ** 2)
+  grads = jax.eval_shape(jax.grad(loss), variables)  # Traces the rematerialised backward pass.
+  assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(variables)
+
+
+def _small_state(tmp_path):
+  _, state, config_dict = _diffusers_unet(SD15, tmp_path)
+  return state, UNetConfig.from_dict(config_dict)
+
+
+def test_bad_checkpoints_named(tmp_path):
+  state, config = _small_state(tmp_path)
+  missing = dict(state)
+  del missing["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"]
+  with pytest.raises(UNetConversionError, match=r"down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q\.weight"):
+    unet_params_from_state_dict(missing, config)
+
+  extra = dict(state, **{"mid_block.resnets.9.conv1.weight": np.zeros((1,), np.float32)})
+  with pytest.raises(UNetConversionError, match=r"unused:\n  mid_block\.resnets\.9\.conv1\.weight"):
+    unet_params_from_state_dict(extra, config)
+
+  wrong = dict(state, **{"conv_in.weight": np.zeros((32, 4, 1, 1), np.float32)})
+  with pytest.raises(UNetConversionError, match=r"conv_in\.weight: expected \(32, 4, 3, 3\), got \(32, 4, 1, 1\)"):
+    unet_params_from_state_dict(wrong, config)
+
+
+def test_unsupported_config_named():
+  with pytest.raises(ValueError, match=r"down_block_types.*SimpleCrossAttnDownBlock2D.*CrossAttnDownBlock2D"):
+    UNetConfig.from_dict(dict(SD15, down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D")))
+  with pytest.raises(ValueError, match=r"resnet_time_scale_shift.*scale_shift.*default"):
+    UNetConfig.from_dict(dict(SD15, resnet_time_scale_shift="scale_shift"))
+  # Unrelated keys are ignored.
+  assert UNetConfig.from_dict(dict(SD15, _class_name="UNet2DConditionModel", dropout=0.0)).sample_size == 16
