@@ -94,6 +94,15 @@ class Checkpointer:
     logging.info("restored step %d from %s", step, path)
     return restored
 
+  def stored_structure(self, step: int, sharding=None) -> PyTree:
+    """The tree of `jax.ShapeDtypeStruct`s saved at `step` (to restore without building the model)."""
+    try:
+      tree = self._manager.item_metadata(step).tree
+    except Exception as err:  # orbax raises many kinds; all mean the metadata is unusable.
+      raise CheckpointError(f"checkpoint of step {step} at {self.path(step)} has no readable metadata "
+                            f"({type(err).__name__}: {err})") from err
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
+
   def restore_latest(self, abstract: PyTree) -> tuple[Optional[int], Optional[PyTree]]:
     """(step, tree) of the latest complete checkpoint, or (None, None) in an empty folder."""
     step = self.latest_step

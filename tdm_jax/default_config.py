@@ -40,10 +40,14 @@ def get_config() -> ml_collections.ConfigDict:
   # Devices: (data, fsdp, tensor); -1 takes all remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
 
+  # Prompts to distil on (Diffusers pipelines): a .txt file, one per line, or .jsonl with "prompt".
+  config.data = ml_collections.ConfigDict(dict(prompt_file=""))
+
   config.model = ml_collections.ConfigDict()  # filled by the per-model config
   config.teacher = ml_collections.ConfigDict()  # where the teacher comes from
   config.eval = ml_collections.ConfigDict(dict(
       num_samples=1000, student_steps=(1, 2, 4), teacher_steps=(4,), reference_steps=100,
-      reference_solver="ddim", student_solver="ddim"))
+      reference_solver="ddim", student_solver="ddim",
+      prompt_file=""))  # prompt_file: evaluation prompts of Diffusers pipelines (default: data.prompt_file)
   config.lock()
   return config

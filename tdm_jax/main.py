@@ -1,7 +1,9 @@
 """The command line: `python -m tdm_jax.main --config=configs/<model>.py --workdir=DIR [--mode=...]`.
 
 Modes: `train` distils (resuming from DIR if it holds checkpoints) and then evaluates when
-`train.evaluate_after` is set; `evaluate` evaluates the latest checkpoint in DIR. Any config
+`train.evaluate_after` is set; `evaluate` evaluates the latest checkpoint in DIR; `convert`
+turns `teacher.pipeline` (a Diffusers folder) into DIR/converted; `export` writes the latest
+student as a Diffusers `unet/` folder and a whole pipeline folder under DIR/export. Any config
 field can be overridden as `--config.train.batch_size=64`; unknown keys are errors.
 """
 
@@ -17,9 +19,9 @@ from ml_collections import config_flags
 
 from tdm_jax import metrics, train
 
-MODES = ("train", "evaluate")
+MODES = ("train", "evaluate", "convert", "export")
 # config.task -> the module that turns a config into a Task and evaluates a student on it.
-TASKS = {"toy": "tdm_jax.toy_task"}
+TASKS = {"toy": "tdm_jax.toy_task", "diffusers": "tdm_jax.diffusers_task"}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                           lock_config=True)
@@ -37,7 +39,7 @@ def task_module(config):
 
 def run_evaluation(config, workdir: str, module, task, state) -> list:
   """Evaluates the student of `state`; writes eval/table.md and eval/table.json in the workdir."""
-  rows = module.evaluate(config, task, train.student_params(state))
+  rows = module.evaluate(config, workdir, task, train.student_params(state))
   table = metrics.markdown_table(rows)
   if jax.process_index() == 0:
     out = os.path.join(workdir, "eval")
@@ -50,8 +52,13 @@ def run_evaluation(config, workdir: str, module, task, state) -> list:
 
 
 def run(config, workdir: str, mode: str):
-  """Runs `mode`; returns the final state (train) or the evaluation rows (evaluate)."""
+  """Runs `mode`; returns the final state (train), the evaluation rows (evaluate) or a path."""
   module = task_module(config)
+  if mode in ("convert", "export") and not hasattr(module, "export"):
+    raise ValueError(f"--mode={mode} works on Diffusers pipelines (config.task='diffusers'), "
+                     f"not on config.task={config.task!r}")
+  if mode == "convert":
+    return module.ensure_converted(config, workdir)
   task = module.build_task(config, workdir, progress=config.train.progress)
   if mode == "train":
     state = train.distill(task, config, workdir)
@@ -59,6 +66,8 @@ def run(config, workdir: str, mode: str):
       run_evaluation(config, workdir, module, task, state)
     return state
   state = train.restore_state(task, config, workdir)
+  if mode == "export":
+    return module.export(config, workdir, train.student_params(state))
   return run_evaluation(config, workdir, module, task, state)
 
 

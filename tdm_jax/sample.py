@@ -82,3 +82,22 @@ def teacher_sample(apply, params, schedule: Schedule, z, cond, uncond, *, num_st
                                  scheduler="ddim" if solver == "ddim" else "dpm")
   return sample(apply, params, schedule, z, cond, timesteps, solver=solver, uncond=uncond,
                 guidance_scale=guidance_scale, final_timestep=final_timestep)
+
+
+def to_uint8(images_nchw) -> np.ndarray:
+  """Images in [-1, 1], NCHW -> uint8 NHWC."""
+  x = np.asarray(jax.device_get(images_nchw), np.float32)
+  return np.clip(np.round((x.transpose(0, 2, 3, 1) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def save_grid(images_nchw, path: str, columns: int) -> None:
+  """A PNG grid of a batch of images in [-1, 1] (NCHW), `columns` wide, row-major."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  pixels = to_uint8(images_nchw)
+  n, h, w, c = pixels.shape
+  rows = -(-n // columns)
+  grid = np.zeros((rows * h, columns * w, c), np.uint8)
+  for i, image in enumerate(pixels):
+    r, col = divmod(i, columns)
+    grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+  Image.fromarray(grid if c == 3 else grid[..., 0]).save(path)

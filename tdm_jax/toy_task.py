@@ -98,13 +98,15 @@ def _timed(fn, *args):
   return np.asarray(out), 1000.0 * (time.perf_counter() - start)
 
 
-def evaluate(config, task: Task, student_params) -> list:
+def evaluate(config, workdir: str, task: Task, student_params) -> list:
   """Rows of the evaluation table: each sampler against the teacher's many-step samples.
 
   All samplers share one noise batch and one balanced set of labels; the reference is the
   teacher with `eval.reference_steps` steps and the same guidance as distillation, from
   independent noise. Its own row (fresh noise again) is the floor the distance can reach.
+  Nothing is written to `workdir`: the caller writes the table.
   """
+  del workdir
   e, cfg = config.eval, config.tdm
   n, num_classes = e.num_samples, config.model.num_classes
   labels = jnp.asarray(np.arange(n) % num_classes, jnp.int32)
