@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from tdm_jax import rng
-from tdm_jax.schedules import Schedule, ddim_step, diffuse
+from tdm_jax.schedules import Schedule, ddim_step, diffuse, diffusion_coefficients
 
 Apply = Callable[..., jax.Array]
 PyTree = Any
@@ -56,11 +56,14 @@ class TDMConfig:
     for k in self.all_step_counts:
       width = self.total_steps // k
       # The narrowest draw, t ~ U[max(min_timestep, m_k), t_k - upper_margin), must be non-empty.
-      if width - 1 - self.upper_margin <= self.min_timestep or (self.random_mid and width <= self.mid_margin):
+      # With random_mid, m ~ U[m_k, t_k - mid_margin) must be non-empty and stay below t_k - upper_margin.
+      if width - 1 - self.upper_margin <= self.min_timestep or (
+          self.random_mid and (width - 1 <= self.mid_margin or self.mid_margin < self.upper_margin)):
         raise ValueError(
             f"tdm.total_steps={self.total_steps} with {k} student steps gives intervals of {width} "
             f"timesteps, too short for min_timestep={self.min_timestep}, upper_margin="
-            f"{self.upper_margin}, mid_margin={self.mid_margin}; raise total_steps or lower the margins")
+            f"{self.upper_margin}, mid_margin={self.mid_margin} (random_mid needs mid_margin >= upper_margin); "
+            f"raise total_steps or change the margins")
 
   @classmethod
   def from_config(cls, config) -> "TDMConfig":
@@ -199,9 +202,8 @@ def noisy_sample(key, schedule: Schedule, cfg: TDMConfig, x0_s, eps_s, seg: Segm
   n = jax.random.normal(k_n, x0_s.shape, x0_s.dtype)
   x_m = ddim_step(schedule, x0_s, eps_s, m)
   x_t = diffuse(schedule, x_m, m, t, n)
-  a_t, s_t, a_m, s_m = schedule.a(t), schedule.s(t), schedule.a(m), schedule.s(m)
-  ratio = a_t / a_m
-  b_coef = jnp.sqrt(jnp.maximum(s_t**2 - (ratio * s_m)**2, 0.0))
+  ratio, b_coef = diffusion_coefficients(schedule, m, t)
+  s_t, s_m = schedule.s(t), schedule.s(m)
   e = (_bcast(ratio * s_m, eps_s) * eps_s + _bcast(b_coef, n) * n) / _bcast(s_t, n)
   return NoisySample(x_t=x_t, t=t, m=m, noise=n, effective_noise=e)
 

