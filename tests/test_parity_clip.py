@@ -11,7 +11,8 @@ import safetensors.numpy
 import torch
 import transformers
 
-from tdm_jax.convert.clip import (CheckpointMismatchError, clip_params_from_state_dict,
+from tdm_jax.convert.errors import ConversionError
+from tdm_jax.convert.clip import (clip_params_from_state_dict,
                                   clip_state_dict_from_params)
 from tdm_jax.models.clip import CLIPTextEncoder, ClipConfig
 
@@ -144,7 +145,7 @@ def test_missing_tensor_is_named(plain_checkpoint):
   name = prefix + "encoder.layers.1.mlp.fc2.bias"
   bad = {k: v for k, v in state_dict.items() if k != name}
   assert len(bad) == len(state_dict) - 1
-  with pytest.raises(CheckpointMismatchError, match="unfilled") as info:
+  with pytest.raises(ConversionError, match="unfilled") as info:
     clip_params_from_state_dict(bad, config)
   assert name in str(info.value)
 
@@ -154,7 +155,7 @@ def test_extra_tensor_is_named(plain_checkpoint):
   extra = prefix + "encoder.layers.2.mlp.fc1.weight"
   bad = dict(state_dict, **{extra: np.zeros((37, 32), np.float32),
                             "text_projection.weight": np.zeros((24, 32), np.float32)})
-  with pytest.raises(CheckpointMismatchError, match="unused") as info:
+  with pytest.raises(ConversionError, match="unused") as info:
     clip_params_from_state_dict(bad, config)
   assert extra in str(info.value)
   assert "text_projection.weight" in str(info.value)
@@ -164,7 +165,7 @@ def test_wrong_shape_is_named(plain_checkpoint):
   config, state_dict, prefix = plain_checkpoint
   name = prefix + "encoder.layers.0.self_attn.q_proj.weight"
   bad = dict(state_dict, **{name: np.zeros((32, 31), np.float32)})
-  with pytest.raises(CheckpointMismatchError) as info:
+  with pytest.raises(ConversionError) as info:
     clip_params_from_state_dict(bad, config)
   assert f"{name}: expected (32, 32), got (32, 31)" in str(info.value)
 
@@ -173,5 +174,5 @@ def test_reverse_rejects_wrong_tree(plain_checkpoint):
   config, state_dict, _ = plain_checkpoint
   params = clip_params_from_state_dict(state_dict, config)
   del params["final_layer_norm"]["bias"]
-  with pytest.raises(CheckpointMismatchError, match="final_layer_norm/bias"):
+  with pytest.raises(ConversionError, match="final_layer_norm/bias"):
     clip_state_dict_from_params(params, config)

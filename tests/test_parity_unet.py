@@ -10,7 +10,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
 
-from tdm_jax.convert.unet import (UNetConversionError, unet_params_from_state_dict,  # pylint: disable=g-import-not-at-top
+from tdm_jax.convert.errors import ConversionError  # pylint: disable=g-import-not-at-top
+from tdm_jax.convert.unet import (unet_params_from_state_dict,  # pylint: disable=g-import-not-at-top
                                   unet_state_dict_from_params)
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig  # pylint: disable=g-import-not-at-top
 
@@ -121,15 +122,15 @@ def test_bad_checkpoints_named(tmp_path):
   state, config = _small_state(tmp_path)
   missing = dict(state)
   del missing["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"]
-  with pytest.raises(UNetConversionError, match=r"down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q\.weight"):
+  with pytest.raises(ConversionError, match=r"down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q\.weight"):
     unet_params_from_state_dict(missing, config)
 
   extra = dict(state, **{"mid_block.resnets.9.conv1.weight": np.zeros((1,), np.float32)})
-  with pytest.raises(UNetConversionError, match=r"unused:\n  mid_block\.resnets\.9\.conv1\.weight"):
+  with pytest.raises(ConversionError, match=r"unused:\n    mid_block\.resnets\.9\.conv1\.weight"):
     unet_params_from_state_dict(extra, config)
 
   wrong = dict(state, **{"conv_in.weight": np.zeros((32, 4, 1, 1), np.float32)})
-  with pytest.raises(UNetConversionError, match=r"conv_in\.weight: expected \(32, 4, 3, 3\), got \(32, 4, 1, 1\)"):
+  with pytest.raises(ConversionError, match=r"conv_in\.weight: expected \(32, 4, 3, 3\), got \(32, 4, 1, 1\)"):
     unet_params_from_state_dict(wrong, config)
 
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tdm_jax.convert.errors import check_conversion
 from tdm_jax.models.clip import CLIPTextEncoder, ClipConfig
 
 # Buffers, not parameters: present in some checkpoints, never needed.
@@ -33,10 +34,6 @@ IGNORED_KEYS = ("text_model.embeddings.position_ids",)
 PREFIX = "text_model."
 
 Path = Tuple[str, ...]
-
-
-class CheckpointMismatchError(ValueError):
-  """A state dict does not fit the parameter tree; the message lists every problem by name."""
 
 
 def _name_map(config: ClipConfig) -> List[Tuple[Path, str, bool]]:
@@ -88,20 +85,10 @@ def _checked_map(config: ClipConfig, expected: Mapping[Path, Any]) -> List[Tuple
 
 
 def _raise_if_problems(what: str, unused, unfilled, mismatched):
-  if not (unused or unfilled or mismatched):
-    return
-  lines = [f"{what} does not match the CLIP text encoder parameter tree:"]
-  if unfilled:
-    lines.append(f"  {len(unfilled)} parameter(s) left unfilled (missing from the source):")
-    lines += [f"    {n}" for n in unfilled]
-  if unused:
-    lines.append(f"  {len(unused)} tensor(s) left unused (unknown to the model):")
-    lines += [f"    {n}" for n in unused]
-  if mismatched:
-    lines.append(f"  {len(mismatched)} shape mismatch(es) (name: expected, got):")
-    lines += [f"    {n}: expected {e}, got {g}" for n, e, g in mismatched]
-  lines.append("  Check that the ClipConfig (layers, sizes, with_projection) matches the checkpoint's config.json.")
-  raise CheckpointMismatchError("\n".join(lines))
+  check_conversion(what, unfilled=unfilled, unused=unused,
+                   mismatched=[f"{n}: expected {e}, got {g}" for n, e, g in mismatched],
+                   hint="Check that the ClipConfig (layers, sizes, with_projection) matches the checkpoint's "
+                        "config.json.")
 
 
 def clip_params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: ClipConfig,

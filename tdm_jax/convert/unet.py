@@ -18,15 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
+from tdm_jax.convert.errors import ConversionError, check_conversion
 
 # Diffusers containers whose children are indexed (`resnets.0`); ours are `resnets_0`.
 _LISTS = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks",
           "downsamplers", "upsamplers", "to_out", "net")
 _LIST_RE = re.compile(r"^(%s)_(\d+)$" % "|".join(_LISTS))
-
-
-class UNetConversionError(ValueError):
-  """A checkpoint does not fit the configured UNet; the message names every offending tensor."""
 
 
 def _as_config(config: Union[UNetConfig, Mapping[str, Any]]) -> UNetConfig:
@@ -106,7 +103,7 @@ def unet_params_from_state_dict(state_dict: Mapping[str, np.ndarray],
   """Diffusers UNet state dict (name -> array) -> our parameter tree (the "params" collection).
 
   Use as `model.apply({"params": params}, ...)`. Arrays keep the checkpoint's dtype. Raises
-  UNetConversionError naming every unused tensor, every unfilled parameter and every shape mismatch.
+  ConversionError naming every unused tensor, every unfilled parameter and every shape mismatch.
   """
   expected = expected_param_shapes(config)
   filled: Dict[Tuple[str, ...], np.ndarray] = {}
@@ -126,15 +123,8 @@ def unet_params_from_state_dict(state_dict: Mapping[str, np.ndarray],
   unfilled = sorted(_diffusers_name(p[:-1] + ("weight" if p[-1] in ("kernel", "scale") else p[-1],))
                     for p in expected if p not in filled)
   unfilled = [n for n in unfilled if not any(m.startswith(n + ":") for m in mismatched)]
-  problems = []
-  if mismatched:
-    problems.append(f"{len(mismatched)} tensor(s) with the wrong shape:\n  " + "\n  ".join(mismatched))
-  if unused:
-    problems.append(f"{len(unused)} checkpoint tensor(s) unused:\n  " + "\n  ".join(unused))
-  if unfilled:
-    problems.append(f"{len(unfilled)} parameter(s) missing from the checkpoint:\n  " + "\n  ".join(unfilled))
-  if problems:
-    raise UNetConversionError("UNet checkpoint does not match the config:\n" + "\n".join(problems))
+  check_conversion("UNet checkpoint", unfilled=unfilled, unused=unused, mismatched=mismatched,
+                   hint="Check that config.json belongs to these weights.")
   return flax.traverse_util.unflatten_dict(filled)
 
 
@@ -148,7 +138,7 @@ def unet_state_dict_from_params(params: Mapping[str, Any],
   wrong = sorted(f"{'/'.join(p)}: expected {expected[p]}, got {tuple(np.shape(v))}"
                  for p, v in flat.items() if p in expected and tuple(np.shape(v)) != expected[p])
   if missing or extra or wrong:
-    raise UNetConversionError(
+    raise ConversionError(
         "UNet params do not match the config:\n"
         + (f"  missing: {missing}\n" if missing else "") + (f"  extra: {extra}\n" if extra else "")
         + (f"  wrong shape: {wrong}\n" if wrong else ""))

@@ -15,6 +15,7 @@ import numpy as np
 from flax import traverse_util
 
 from tdm_jax.models.vae import AutoencoderKL, VAEConfig
+from tdm_jax.convert.errors import check_conversion
 
 ConfigLike = Union[VAEConfig, Mapping[str, Any]]
 
@@ -82,19 +83,9 @@ def vae_params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Con
       continue
     flat[path] = value.astype(dtype)
   unused = sorted(set(state_dict) - used)
-  if missing or unused or mismatched:
-    lines = ["VAE checkpoint does not match the config:"]
-    if missing:
-      lines.append(f"  {len(missing)} parameter(s) left unfilled (tensor missing from checkpoint):")
-      lines += [f"    {m}" for m in missing]
-    if unused:
-      lines.append(f"  {len(unused)} checkpoint tensor(s) left unused:")
-      lines += [f"    {u} {tuple(np.shape(state_dict[u]))}" for u in unused]
-    if mismatched:
-      lines.append(f"  {len(mismatched)} shape mismatch(es) (Diffusers layout):")
-      lines += [f"    {m}" for m in mismatched]
-    lines.append("  Check that config.json belongs to these weights.")
-    raise ValueError("\n".join(lines))
+  check_conversion("VAE checkpoint", unfilled=missing,
+                   unused=[f"{u} {tuple(np.shape(state_dict[u]))}" for u in unused], mismatched=mismatched,
+                   hint="Check that config.json belongs to these weights.")
   return traverse_util.unflatten_dict(flat)
 
 

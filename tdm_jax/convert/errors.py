@@ -1,0 +1,29 @@
+"""One report for every converter: which tensors and parameters did not meet, by name."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+class ConversionError(ValueError):
+  """A checkpoint's tensors do not match the parameter tree its config describes."""
+
+
+def check_conversion(what: str, *, unfilled: Sequence[str] = (), unused: Sequence[str] = (),
+                     mismatched: Sequence[str] = (), hint: str = "") -> None:
+  """Raises ConversionError listing every unfilled parameter, unused tensor and shape mismatch.
+
+  mismatched: preformatted "name: expected (..), got (..)" lines, in the checkpoint's layout.
+  """
+  if not (unfilled or unused or mismatched):
+    return
+  lines = [f"{what} does not match the model its config describes:"]
+  for title, names in ((f"{len(unfilled)} parameter(s) left unfilled (missing from the checkpoint):", unfilled),
+                       (f"{len(unused)} checkpoint tensor(s) left unused:", unused),
+                       (f"{len(mismatched)} shape mismatch(es) (name: expected, got):", mismatched)):
+    if names:
+      lines.append("  " + title)
+      lines += [f"    {name}" for name in names]
+  if hint:
+    lines.append("  " + hint)
+  raise ConversionError("\n".join(lines))
