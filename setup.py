@@ -22,7 +22,7 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # torch is only a parity reference in tests; install torch==2.13.0 (the CPU build) first,
     # then this range installs nothing more. Runtime code never imports torch.
-    "test": ["pytest>=8.0", "torch>=2.4,<=2.14.1", "scipy>=1.11"],
+    "test": ["pytest>=8.0", "torch>=2.4,<=2.14.1", "peft>=0.17", "scipy>=1.11"],
     "gpu": ["jax[cuda12]"],
     "tpu": ["jax[tpu]"],
 }

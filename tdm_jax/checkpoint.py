@@ -96,13 +96,18 @@ class Checkpointer:
     return restored
 
   def stored_structure(self, step: int, sharding=None) -> PyTree:
-    """The tree of `jax.ShapeDtypeStruct`s saved at `step` (to restore without building the model)."""
+    """The tree of `jax.ShapeDtypeStruct`s saved at `step` (to restore without building the model).
+
+    sharding: one sharding for every array, or a function (path, shape) -> sharding per array.
+    """
     try:
       tree = self._manager.item_metadata(step).tree
     except Exception as err:  # orbax raises many kinds; all mean the metadata is unusable.
       raise CheckpointError(f"checkpoint of step {step} at {self.path(step)} has no readable metadata "
                             f"({type(err).__name__}: {err})") from err
-    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree)
+    place = sharding if callable(sharding) else (lambda path, shape: sharding)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=place(path, tuple(m.shape))), tree)
 
   def restore_latest(self, abstract: PyTree) -> tuple[Optional[int], Optional[PyTree]]:
     """(step, tree) of the latest complete checkpoint, or (None, None) in an empty folder."""

@@ -93,7 +93,8 @@ def is_converted(out_dir: str) -> bool:
 
 
 def load_converted(out_dir: str, sharding=None) -> dict:
-  """The trees `save_converted` wrote, restored with `sharding` (replicated on one device if None)."""
+  """The trees `save_converted` wrote, placed by `sharding` (one sharding, or (path, shape) -> sharding;
+  None: the default device)."""
   checkpointer = Checkpointer(os.path.join(out_dir, "params"))
   try:
     if CONVERTED_STEP not in checkpointer.all_steps:
