@@ -243,8 +243,8 @@ TINY = dict(
 
 @pytest.fixture(scope="module")
 def diffusers_vae(tmp_path_factory):
-  torch = pytest.importorskip("torch")
-  diffusers = pytest.importorskip("diffusers")
+  import torch
+  import diffusers
   torch.manual_seed(0)
   vae = diffusers.AutoencoderKL(**TINY).eval()
   root = tmp_path_factory.mktemp("diffusers_vae")

@@ -6,14 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+import diffusers
+import torch
+from safetensors.numpy import load_file
 
-from tdm_jax.convert.errors import ConversionError  # pylint: disable=g-import-not-at-top
-from tdm_jax.convert.unet import (unet_params_from_state_dict,  # pylint: disable=g-import-not-at-top
+from tdm_jax.convert.errors import ConversionError
+from tdm_jax.convert.unet import (unet_params_from_state_dict,
                                   unet_state_dict_from_params)
-from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig  # pylint: disable=g-import-not-at-top
+from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 SD15 = dict(
     sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
+import diffusers
+import safetensors.numpy as safetensors_numpy
+import torch
 
 from tdm_jax.convert.vae import vae_params_from_state_dict, vae_state_dict_from_params  # noqa: E402
 from tdm_jax.models.vae import AutoencoderKL, VAEConfig  # noqa: E402

@@ -46,7 +46,7 @@ def expected_param_shapes(config: Union[UNetConfig, Mapping[str, Any]]) -> Dict[
   return {path: tuple(leaf.shape) for path, leaf in flax.traverse_util.flatten_dict(params).items()}
 
 
-def _our_path(name: str) -> Tuple[str, ...]:
+def our_path(name: str) -> Tuple[str, ...]:
   """'down_blocks.0.resnets.1.norm1.weight' -> ('down_blocks_0', 'resnets_1', 'norm1', 'weight')."""
   parts = []
   for part in name.split("."):
@@ -57,7 +57,7 @@ def _our_path(name: str) -> Tuple[str, ...]:
   return tuple(parts)
 
 
-def _diffusers_name(path: Tuple[str, ...]) -> str:
+def diffusers_name(path: Tuple[str, ...]) -> str:
   parts = []
   for part in path:
     m = _LIST_RE.match(part)
@@ -109,7 +109,7 @@ def unet_params_from_state_dict(state_dict: Mapping[str, np.ndarray],
   filled: Dict[Tuple[str, ...], np.ndarray] = {}
   unused, mismatched = [], []
   for name in sorted(state_dict):
-    parts = _our_path(name)
+    parts = our_path(name)
     target = next((p for p in _leaf_candidates(parts[:-1], parts[-1]) if p in expected), None)
     if target is None:
       unused.append(name)
@@ -120,7 +120,7 @@ def unet_params_from_state_dict(state_dict: Mapping[str, np.ndarray],
       mismatched.append(f"{name}: expected {want}, got {tuple(value.shape)}")
       continue
     filled[target] = _to_ours(value)
-  unfilled = sorted(_diffusers_name(p[:-1] + ("weight" if p[-1] in ("kernel", "scale") else p[-1],))
+  unfilled = sorted(diffusers_name(p[:-1] + ("weight" if p[-1] in ("kernel", "scale") else p[-1],))
                     for p in expected if p not in filled)
   unfilled = [n for n in unfilled if not any(m.startswith(n + ":") for m in mismatched)]
   check_conversion("UNet checkpoint", unfilled=unfilled, unused=unused, mismatched=mismatched,
@@ -145,5 +145,5 @@ def unet_state_dict_from_params(params: Mapping[str, Any],
   out = {}
   for path, value in flat.items():
     leaf = "weight" if path[-1] in ("kernel", "scale") else path[-1]
-    out[_diffusers_name(path[:-1] + (leaf,))] = _to_torch(np.asarray(jax.device_get(value)))
+    out[diffusers_name(path[:-1] + (leaf,))] = _to_torch(np.asarray(jax.device_get(value)))
   return out

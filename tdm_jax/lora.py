@@ -1,0 +1,160 @@
+"""LoRA as a transform of parameter trees: a frozen base, small trained adapters, and a merge.
+
+Knows nothing of which model it is. A target is any 2-D leaf (a Dense kernel of shape (in, out))
+whose "/"-joined path matches one of `LoraConfig.targets` (regexes, `re.search`). For each target
+the adapters hold
+
+    a: (in, r)   the "down" projection, random (normal * init_scale, init_scale defaulting to 1/r)
+    b: (r, out)  the "up" projection, zeros
+
+so that the merged kernel W + (alpha / r) * a @ b equals W at initialisation. The adapter tree is
+a nested dict keyed by the same paths as the base, with the kernel leaf replaced by {"a", "b"}:
+
+    adapters["down_blocks_1"]["attentions_0"]["transformer_blocks_0"]["attn1"]["to_q"]["kernel"]["a"]
+
+Use it as `apply(merge(base, adapters, cfg), x, t, cond)`; differentiating with respect to the
+adapters alone trains only them, and the base is one shared frozen copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Dict, List, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Path = Tuple[str, ...]
+
+# Attention projections (to_q/to_k/to_v/to_out.0) and the feed-forward (GEGLU proj in, linear out)
+# of Diffusers-style transformer blocks.
+DEFAULT_TARGETS = (
+    r"(^|/)attn\d*/(to_q|to_k|to_v|to_out_0)/kernel$",
+    r"(^|/)ff/(net_0/proj|net_2)/kernel$",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Which kernels get adapters, and their size.
+
+  rank: r, the inner dimension of a @ b.
+  alpha: the merged update is scaled by alpha / rank (alpha == rank: scale 1).
+  targets: regexes searched in "/"-joined paths of 2-D leaves, e.g. "down_blocks_1/.../to_q/kernel".
+  init_scale: std of the normal init of `a`; None means 1 / rank.
+  """
+  rank: int = 4
+  alpha: float = 4.0
+  targets: Tuple[str, ...] = DEFAULT_TARGETS
+  init_scale: Optional[float] = None
+
+  def __post_init__(self):
+    if isinstance(self.targets, str):
+      raise ValueError(f"LoraConfig.targets must be a sequence of regexes, not the string {self.targets!r}")
+    object.__setattr__(self, "targets", tuple(self.targets))
+    if int(self.rank) != self.rank or self.rank < 1:
+      raise ValueError(f"LoraConfig.rank must be a positive integer, got {self.rank!r}")
+    if not self.targets:
+      raise ValueError("LoraConfig.targets is empty: give at least one regex over parameter paths")
+    for pattern in self.targets:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ValueError(f"LoraConfig.targets: {pattern!r} is not a valid regex ({e})") from e
+
+  @property
+  def scale(self) -> float:
+    return float(self.alpha) / float(self.rank)
+
+
+def _unbox(x):
+  return x.unbox() if isinstance(x, flax.core.meta.AxisMetadata) else x
+
+
+def _flatten(tree) -> Dict[Path, Any]:
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
+
+
+def target_paths(base_params, cfg: LoraConfig) -> List[Path]:
+  """Sorted paths of the 2-D leaves of `base_params` that `cfg.targets` selects.
+
+  Raises ValueError, listing some of the available 2-D paths, when nothing matches.
+  """
+  flat = _flatten(base_params)
+  matrices = sorted(p for p, v in flat.items() if len(np.shape(_unbox(v))) == 2)
+  patterns = [re.compile(t) for t in cfg.targets]
+  chosen = [p for p in matrices if any(r.search("/".join(p)) for r in patterns)]
+  if not chosen:
+    shown = "\n  ".join("/".join(p) for p in matrices[:12])
+    more = f"\n  ... and {len(matrices) - 12} more" if len(matrices) > 12 else ""
+    raise ValueError(
+        f"LoRA targets {list(cfg.targets)} match none of the {len(matrices)} 2-D parameters "
+        f"(regexes are searched in '/'-joined paths). Some available paths:\n  {shown or '(none)'}{more}")
+  return chosen
+
+
+def init_adapters(key: jax.Array, base_params, cfg: LoraConfig) -> Dict[str, Any]:
+  """Fresh float32 adapters for every targeted kernel: a ~ N(0, init_scale^2), b = 0.
+
+  `base_params` may hold arrays or `jax.ShapeDtypeStruct`s (only shapes are read). The key of the
+  i-th target (in sorted path order) is `fold_in(key, i)`.
+  """
+  flat = _flatten(base_params)
+  std = (1.0 / cfg.rank) if cfg.init_scale is None else float(cfg.init_scale)
+  out = {}
+  for i, path in enumerate(target_paths(base_params, cfg)):
+    d_in, d_out = np.shape(_unbox(flat[path]))
+    a = jax.random.normal(jax.random.fold_in(key, i), (d_in, cfg.rank), jnp.float32) * std
+    out[path] = {"a": a, "b": jnp.zeros((cfg.rank, d_out), jnp.float32)}
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def adapter_items(adapters) -> Dict[Path, Tuple[Any, Any]]:
+  """{kernel path: (a, b)} of an adapter tree."""
+  flat = _flatten(adapters)
+  pairs: Dict[Path, Dict[str, Any]] = {}
+  for path, value in flat.items():
+    if path[-1] not in ("a", "b"):
+      raise ValueError(f"not an adapter tree: leaf {'/'.join(path)} is neither 'a' nor 'b'")
+    pairs.setdefault(path[:-1], {})[path[-1]] = value
+  broken = sorted("/".join(p) for p, ab in pairs.items() if set(ab) != {"a", "b"})
+  if broken:
+    raise ValueError(f"adapters without both 'a' and 'b': {broken}")
+  return {p: (ab["a"], ab["b"]) for p, ab in sorted(pairs.items())}
+
+
+def delta(a, b, cfg: LoraConfig):
+  """The kernel update (alpha / r) * a @ b, shape (in, out), in float32 (or wider)."""
+  dtype = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
+  return cfg.scale * jnp.matmul(a.astype(dtype), b.astype(dtype), precision=jax.lax.Precision.HIGHEST)
+
+
+def merge(base_params, adapters, cfg: LoraConfig):
+  """`base_params` with W + (alpha / r) * a @ b at every adapted kernel, cast back to W's dtype.
+
+  Pure and jittable; the structure (and any flax partitioning boxes) of `base_params` is kept.
+  """
+  items = adapter_items(adapters)
+  flat = _flatten(base_params)
+  missing = sorted("/".join(p) for p in items if p not in flat)
+  if missing:
+    raise ValueError(f"adapters for kernels the base does not have: {missing[:8]}")
+  for path, (a, b) in items.items():
+    leaf = flat[path]
+    w = _unbox(leaf)
+    if tuple(np.shape(w)) != (np.shape(a)[0], np.shape(b)[1]) or np.shape(a)[1] != np.shape(b)[0]:
+      raise ValueError(f"adapter at {'/'.join(path)}: a {np.shape(a)} @ b {np.shape(b)} does not fit "
+                       f"the kernel {np.shape(w)}")
+    sum_dtype = jnp.promote_types(w.dtype, jnp.float32)
+    merged = (w.astype(sum_dtype) + delta(a, b, cfg).astype(sum_dtype)).astype(w.dtype)
+    flat[path] = leaf.replace_boxed(merged) if isinstance(leaf, flax.core.meta.AxisMetadata) else merged
+  out = flax.traverse_util.unflatten_dict(flat)
+  return flax.core.freeze(out) if isinstance(base_params, flax.core.FrozenDict) else out
+
+
+def count(adapters) -> int:
+  """Number of scalars in an adapter tree."""
+  return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(adapters)))
