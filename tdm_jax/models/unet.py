@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tdm_jax.models import layers
 from tdm_jax.models.attention import attention
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -177,36 +178,20 @@ def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool,
   return emb
 
 
-def _init(init, axes):
-  return nn.with_logical_partitioning(init, axes)
-
-
 def _dense(m, features, axes, name, use_bias=True):
-  return nn.Dense(features, use_bias=use_bias, dtype=m.dtype, param_dtype=m.param_dtype,
-                  kernel_init=_init(nn.initializers.lecun_normal(), axes),
-                  bias_init=_init(nn.initializers.zeros, (axes[-1],)), name=name)
+  return layers.dense(features, axes, name, dtype=m.dtype, param_dtype=m.param_dtype, use_bias=use_bias)
 
 
 def _conv(m, features, name, kernel=3, stride=1):
-  pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                 dtype=m.dtype, param_dtype=m.param_dtype,
-                 kernel_init=_init(nn.initializers.lecun_normal(),
-                                   ("conv_height", "conv_width", "conv_in", "conv_out")),
-                 bias_init=_init(nn.initializers.zeros, ("conv_out",)), name=name)
+  return layers.conv(features, name, dtype=m.dtype, param_dtype=m.param_dtype, kernel=kernel, stride=stride)
 
 
 def _group_norm(m, groups, eps, name):
-  return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=m.dtype, param_dtype=m.param_dtype,
-                      use_fast_variance=False,
-                      scale_init=_init(nn.initializers.ones, ("norm",)),
-                      bias_init=_init(nn.initializers.zeros, ("norm",)), name=name)
+  return layers.group_norm(groups, eps, name, dtype=m.dtype, param_dtype=m.param_dtype)
 
 
 def _layer_norm(m, name):
-  return nn.LayerNorm(epsilon=1e-5, dtype=m.dtype, param_dtype=m.param_dtype, use_fast_variance=False,
-                      scale_init=_init(nn.initializers.ones, ("norm",)),
-                      bias_init=_init(nn.initializers.zeros, ("norm",)), name=name)
+  return layers.layer_norm(1e-5, name, dtype=m.dtype, param_dtype=m.param_dtype)
 
 
 class TimestepEmbedding(nn.Module):

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tdm_jax.models import layers
 from tdm_jax.models.attention import attention
 
 SUPPORTED_DOWN_BLOCKS = ("DownEncoderBlock2D",)
@@ -31,8 +32,6 @@ SUPPORTED_UP_BLOCKS = ("UpDecoderBlock2D",)
 SUPPORTED_ACTS = ("silu",)
 NORM_EPS = 1e-6
 
-_CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
-_CHANNEL_AXES = ("conv_out",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,30 +90,17 @@ class VAEConfig:
 
 
 def _conv(features: int, kernel: int, name: str, dtype, param_dtype, stride: int = 1,
-          padding: Any = "SAME") -> nn.Conv:
-  if padding == "SAME":
-    p = kernel // 2
-    padding = ((p, p), (p, p))
-  return nn.Conv(
-      features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), _CONV_AXES),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, _CHANNEL_AXES), name=name)
+          padding: Any = None) -> nn.Conv:
+  return layers.conv(features, name, dtype=dtype, param_dtype=param_dtype, kernel=kernel, stride=stride,
+                     padding=padding)
 
 
 def _group_norm(groups: int, name: str, dtype, param_dtype) -> nn.GroupNorm:
-  return nn.GroupNorm(
-      num_groups=groups, epsilon=NORM_EPS, dtype=dtype, param_dtype=param_dtype,
-      use_fast_variance=False,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, _CHANNEL_AXES),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, _CHANNEL_AXES), name=name)
+  return layers.group_norm(groups, NORM_EPS, name, dtype=dtype, param_dtype=param_dtype)
 
 
 def _dense(features: int, axes, name: str, dtype, param_dtype) -> nn.Dense:
-  return nn.Dense(
-      features, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[-1],)), name=name)
+  return layers.dense(features, axes, name, dtype=dtype, param_dtype=param_dtype)
 
 
 class ResnetBlock(nn.Module):
