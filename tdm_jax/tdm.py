@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from tdm_jax import rng
-from tdm_jax.schedules import Schedule, ddim_step, diffuse, diffusion_coefficients
+from tdm_jax.schedules import Schedule, ddim_step, diffusion_coefficients
 
 Apply = Callable[..., jax.Array]
 PyTree = Any
@@ -197,12 +197,15 @@ def noisy_sample(key, schedule: Schedule, cfg: TDMConfig, x0_s, eps_s, seg: Segm
   m = seg.m_k
   if cfg.random_mid:
     m = jax.random.randint(k_mid, (b,), seg.m_k, seg.t_k - cfg.mid_margin)
-  hi = seg.t_k - cfg.upper_margin if cfg.interval_mode == "separate" else jnp.full((b,), cfg.total_steps - cfg.upper_margin)
+  if cfg.interval_mode == "separate":
+    hi = seg.t_k - cfg.upper_margin
+  else:
+    hi = jnp.full((b,), cfg.total_steps - cfg.upper_margin)
   t = jax.random.randint(k_t, (b,), jnp.maximum(cfg.min_timestep, m), hi)
   n = jax.random.normal(k_n, x0_s.shape, x0_s.dtype)
+  ratio, b_coef = diffusion_coefficients(schedule, m, t)  # x_t = ratio x_m + b n (schedules.diffuse)
   x_m = ddim_step(schedule, x0_s, eps_s, m)
-  x_t = diffuse(schedule, x_m, m, t, n)
-  ratio, b_coef = diffusion_coefficients(schedule, m, t)
+  x_t = _bcast(ratio, x_m) * x_m + _bcast(b_coef, n) * n
   s_t, s_m = schedule.s(t), schedule.s(m)
   e = (_bcast(ratio * s_m, eps_s) * eps_s + _bcast(b_coef, n) * n) / _bcast(s_t, n)
   return NoisySample(x_t=x_t, t=t, m=m, noise=n, effective_noise=e)
