@@ -11,6 +11,8 @@ from safetensors.numpy import save_file
 from tdm_jax.convert import folders
 from tdm_jax.convert.folders import FolderError
 
+import tiny_pipeline
+
 
 def _tensors(seed=0):
   rng = np.random.default_rng(seed)
@@ -232,13 +234,7 @@ def test_runtime_module_does_not_import_torch():
 
 # ----------------------------------------------------------------------------- folders written by Diffusers
 
-TINY = dict(
-    in_channels=3, out_channels=3,
-    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
-    sample_size=16,
-)
+TINY = tiny_pipeline.TINY_VAE
 
 
 @pytest.fixture(scope="module")

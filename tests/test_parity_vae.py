@@ -15,13 +15,9 @@ import torch
 from tdm_jax.convert.vae import vae_params_from_state_dict, vae_state_dict_from_params  # noqa: E402
 from tdm_jax.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
 
-TINY = dict(
-    in_channels=3, out_channels=3,
-    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
-    sample_size=16,
-)
+import tiny_pipeline
+
+TINY = tiny_pipeline.TINY_VAE
 
 
 def _close(ours, theirs, name):

@@ -33,6 +33,16 @@ SD15_SCHEDULER = dict(
     prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
+# The smallest AutoencoderKL config the VAE tests build in Diffusers (two blocks, four groups).
+TINY_VAE = dict(
+    in_channels=3, out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+    sample_size=16,
+)
+
+
 def tiny_vocab():
   """(vocab dict, merges list of pairs): lowercase letters and "!", each also word-final, a few merges."""
   chars = list(string.ascii_lowercase) + ["!"]
