@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
         resolution=512,  # pixels; the paper trains 1k iterations at 512 px, then 1k at 1024 px
         dtype="bfloat16",  # compute dtype of the UNet
         teacher_dtype="bfloat16",  # the frozen teacher's stored dtype (student and fake score: float32)
-        attention="dot_product_attention",  # cuDNN flash attention on GPUs, XLA elsewhere
+        attention="auto",  # cuDNN flash attention on GPUs, blocked attention on CPU, plain for short sequences
         remat=True))
     config.teacher = ml_collections.ConfigDict(dict(
         pipeline="",  # a Diffusers SDXL folder (model_index.json, unet/, text_encoder*/, vae/, ...)

@@ -23,7 +23,7 @@ def _config(pipeline_dir, prompt_file):
   config.model.resolution = 16
   config.model.dtype = "float32"
   config.model.teacher_dtype = "float32"
-  config.model.attention = "xla"
+  config.model.attention = "auto"
   config.model.remat = False
   config.tdm.guidance_scale = 2.0
   config.train.batch_size = jax.device_count()

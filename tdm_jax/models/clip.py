@@ -110,7 +110,7 @@ class _Common(nn.Module):
 
 class ClipAttention(_Common):
   """Multi-head self-attention, causal."""
-  attention_implementation: str = "xla"
+  attention_implementation: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -136,7 +136,7 @@ class ClipMLP(_Common):
 
 class ClipEncoderLayer(_Common):
   """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
-  attention_implementation: str = "xla"
+  attention_implementation: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -160,7 +160,7 @@ class CLIPTextEncoder(_Common):
       first position equal to `eos_token_id` (position 0 when a row has none).
     text_embeds (B, projection_dim): pooled_output @ text_projection, only with `with_projection`.
   """
-  attention_implementation: str = "xla"
+  attention_implementation: str = "auto"
 
   @nn.compact
   def __call__(self, input_ids: jax.Array) -> dict:

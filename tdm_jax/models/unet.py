@@ -232,7 +232,7 @@ class Attention(nn.Module):
   heads: int
   head_dim: int
   cross: bool = False
-  implementation: str = "xla"
+  implementation: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -277,7 +277,7 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
   heads: int
   head_dim: int
-  implementation: str = "xla"
+  implementation: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -298,7 +298,7 @@ class Transformer2DModel(nn.Module):
   depth: int
   groups: int
   use_linear_projection: bool
-  implementation: str = "xla"
+  implementation: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -330,7 +330,7 @@ class _Block(nn.Module):
   groups: int
   eps: float
   use_linear_projection: bool
-  implementation: str = "xla"
+  implementation: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -428,7 +428,7 @@ class UNet2DConditionModel(nn.Module):
   config: UNetConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  attention_implementation: str = "xla"
+  attention_implementation: str = "auto"
   remat: bool = False
 
   @nn.compact

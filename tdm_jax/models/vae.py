@@ -127,7 +127,7 @@ class MidAttention(nn.Module):
 
   channels: int
   groups: int
-  attention_implementation: str = "xla"
+  attention_implementation: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -150,7 +150,7 @@ class MidBlock(nn.Module):
   channels: int
   groups: int
   add_attention: bool = True
-  attention_implementation: str = "xla"
+  attention_implementation: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -192,7 +192,7 @@ class Upsample(nn.Module):
 
 class Encoder(nn.Module):
   config: VAEConfig
-  attention_implementation: str = "xla"
+  attention_implementation: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -214,7 +214,7 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
   config: VAEConfig
-  attention_implementation: str = "xla"
+  attention_implementation: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -247,7 +247,7 @@ class AutoencoderKL(nn.Module):
   """Diffusers' AutoencoderKL. Public methods take and return NCHW."""
 
   config: VAEConfig
-  attention_implementation: str = "xla"
+  attention_implementation: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
