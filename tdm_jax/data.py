@@ -53,3 +53,41 @@ def prompt_batch(prompts: Sequence[str], seed: int, step: int, batch_size: int) 
   """The prompts of iteration `step`: drawn uniformly with replacement, deterministic in (seed, step)."""
   gen = np.random.default_rng([seed, step, int(rng.Role.DATA)])
   return [prompts[i] for i in gen.integers(0, len(prompts), size=batch_size)]
+
+
+def _bpe(symbols: list, ranks: dict) -> list:
+  """Byte-pair merging as CLIP's tokenizer does it: always the lowest-ranked adjacent pair first."""
+  while len(symbols) > 1:
+    pairs = [(ranks.get(pair, len(ranks) + 1), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+    rank, i = min(pairs)
+    if rank > len(ranks):
+      break
+    symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+  return symbols
+
+
+def word_tokenizer(words: Sequence[str], max_length: int = 77):
+  """A Transformers CLIPTokenizer whose vocabulary is exactly `words`, each one token.
+
+  For pipelines trained on a closed caption vocabulary (the shapes default). Each word gets merges
+  that join, left to right, the pieces the merges made so far already leave it in; as later merges
+  rank lower, every word ends as one "word</w>" token, and the tokenizer saves and loads like any
+  CLIP tokenizer.
+  """
+  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
+  vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+  ranks = {}
+  for word in sorted(set(words)):
+    if not word or any(c.isspace() or c.isupper() for c in word):
+      raise ValueError(f"tokenizer words must be non-empty, lowercase and without spaces: {word!r}")
+    chars = list(word[:-1]) + [word[-1] + "</w>"]
+    for piece in chars:
+      vocab.setdefault(piece, len(vocab))
+    pieces = _bpe(chars, ranks)
+    joined = pieces[0]
+    for piece in pieces[1:]:
+      ranks.setdefault((joined, piece), len(ranks))
+      joined += piece
+      vocab.setdefault(joined, len(vocab))
+  merges = sorted(ranks, key=ranks.get)
+  return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
