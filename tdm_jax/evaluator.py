@@ -22,7 +22,6 @@ import functools
 import json
 import os
 import queue
-import tempfile
 import threading
 import time
 import warnings
@@ -36,6 +35,7 @@ import optax
 import scipy.linalg
 
 from tdm_jax import shapes_data
+from tdm_jax.files import atomic_write_bytes
 from tdm_jax.shapes_data import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, ShapesConfig
 
 NUM_POSITIONS = len(POSITIONS)
@@ -406,21 +406,6 @@ def _unflatten(flat: Mapping[str, np.ndarray]) -> Dict[str, Any]:
   return tree
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _jsonable(meta: Any) -> Any:
   if dataclasses.is_dataclass(meta) and not isinstance(meta, type):
     return {"__dataclass__": type(meta).__name__, **{k: _jsonable(v) for k, v in dataclasses.asdict(meta).items()}}
@@ -449,9 +434,9 @@ def save_classifier(path: str, params: PyTree, meta: Optional[Mapping[str, Any]]
   from safetensors.numpy import save as st_save  # pylint: disable=g-import-not-at-top
   os.makedirs(path, exist_ok=True)
   flat = _flatten(jax.device_get(params))
-  _atomic_write(os.path.join(path, WEIGHTS_FILE), st_save(flat))
+  atomic_write_bytes(os.path.join(path, WEIGHTS_FILE), st_save(flat))
   text = json.dumps(_jsonable(dict(meta or {})), indent=2, sort_keys=True)
-  _atomic_write(os.path.join(path, META_FILE), text.encode("utf-8"))
+  atomic_write_bytes(os.path.join(path, META_FILE), text.encode("utf-8"))
 
 
 def load_classifier(path: str) -> Tuple[PyTree, Dict[str, Any]]:

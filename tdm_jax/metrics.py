@@ -14,6 +14,8 @@ from typing import Mapping
 
 import jax
 
+from tdm_jax.files import atomic_write_bytes
+
 
 class MetricsWriter:
   """Writes scalars from process 0 only; other processes hold a no-op writer."""
@@ -34,10 +36,7 @@ class MetricsWriter:
       return
     with open(self.path) as f:
       kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
+    atomic_write_bytes(self.path, "".join(kept).encode("utf-8"))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:

@@ -22,10 +22,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+from tdm_jax.files import atomic_write
 
 MODEL_INDEX = "model_index.json"
 CONFIG_NAMES = ("config.json", "scheduler_config.json")
@@ -296,28 +297,12 @@ def load_state_dict(component_dir, *, variant=None, allow_pickle=False) -> Dict[
 # ----------------------------------------------------------------------------- saving
 
 
-def _atomic_write(final_path: str, write) -> None:
-  """`write(tmp_path)` then rename onto `final_path`: readers see the old file or the whole new one."""
-  folder = os.path.dirname(final_path) or "."
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(final_path)}.", suffix=".tmp", dir=folder)
-  os.close(fd)
-  try:
-    write(tmp)
-    with open(tmp, "rb+") as f:
-      os.fsync(f.fileno())
-    os.replace(tmp, final_path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _write_json(path: str, obj: Any) -> None:
   def write(tmp):
     with open(tmp, "w", encoding="utf-8") as f:
       json.dump(obj, f, indent=2, sort_keys=True)
       f.write("\n")
-  _atomic_write(path, write)
+  atomic_write(path, write)
 
 
 def _as_arrays(state_dict: Mapping[str, Any]) -> Dict[str, np.ndarray]:
@@ -369,7 +354,7 @@ def save_state_dict(component_dir, state_dict, config: dict, *,
 
   written = []
   if max_shard_bytes is None or total <= max_shard_bytes:
-    _atomic_write(os.path.join(component_dir, weights_name),
+    atomic_write(os.path.join(component_dir, weights_name),
                   lambda tmp: save_file(arrays, tmp, metadata=metadata))
     written.append(weights_name)
   else:
@@ -379,7 +364,7 @@ def save_state_dict(component_dir, state_dict, config: dict, *,
     weight_map = {}
     for i, shard in enumerate(shards):
       name = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      _atomic_write(os.path.join(component_dir, name),
+      atomic_write(os.path.join(component_dir, name),
                     lambda tmp, shard=shard: save_file(shard, tmp, metadata=metadata))
       written.append(name)
       weight_map.update({k: name for k in shard})

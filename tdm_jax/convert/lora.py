@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from typing import Any, Dict, Mapping, Tuple, Union
 
 import flax
@@ -24,6 +23,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from tdm_jax import lora
+from tdm_jax.files import atomic_write
 from tdm_jax.convert.unet import diffusers_name, our_path, expected_param_shapes
 from tdm_jax.models.unet import UNetConfig
 
@@ -81,15 +81,7 @@ def save_lora(path: str, adapters, lora_cfg: lora.LoraConfig,
     path = os.path.join(path, WEIGHT_NAME)
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-lora-", suffix=".safetensors", dir=folder)
-  os.close(fd)
-  try:
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
   return path
 
 
