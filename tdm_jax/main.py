@@ -10,6 +10,7 @@ field can be overridden as `--config.train.batch_size=64`; unknown keys are erro
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 
@@ -46,7 +47,8 @@ def run_evaluation(config, workdir: str, module, task, state) -> list:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "table.md"), "w") as f:
       f.write(table)
-    train.dump_json(os.path.join(out, "table.json"), rows)
+    with open(os.path.join(out, "table.json"), "w") as f:
+      json.dump(rows, f, indent=2)
   print(table)
   return rows
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Callable, Optional
 
@@ -180,8 +179,3 @@ def restore_state(task: Task, config, workdir: str, step: Optional[int] = None) 
 def student_params(state: tdm.TDMState):
   """The parameters to sample with: the EMA when the run keeps one."""
   return state.ema_params if state.ema_params is not None else state.student_params
-
-
-def dump_json(path: str, value) -> None:
-  with open(path, "w") as f:
-    json.dump(value, f, indent=2)
