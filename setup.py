@@ -17,12 +17,13 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "pillow>=10.0",
     "tensorboardX>=2.6.2",
+    "scipy>=1.11",  # the evaluator's Frechet distance (matrix square root)
 ]
 
 EXTRAS_REQUIRE = {
     # torch is only a parity reference in tests; install torch==2.13.0 (the CPU build) first,
     # then this range installs nothing more. Runtime code never imports torch.
-    "test": ["pytest>=8.0", "torch>=2.4,<=2.14.1", "peft>=0.17", "scipy>=1.11"],
+    "test": ["pytest>=8.0", "torch>=2.4,<=2.14.1", "peft>=0.17"],
     "gpu": ["jax[cuda12]"],
     "tpu": ["jax[tpu]"],
 }
@@ -35,6 +36,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["tdm_jax", "tdm_jax.*"]),
+    # The shipped shapes teacher (a Diffusers folder), its evaluator and prompt files.
+    package_data={"tdm_jax": ["assets/shapes/*.txt", "assets/shapes/evaluator/*", "assets/shapes/pipeline/*.json",
+                              "assets/shapes/pipeline/*/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["tdm_jax=tdm_jax.main:entry_point"]},

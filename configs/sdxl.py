@@ -15,21 +15,8 @@ from tdm_jax import default_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = default_config.get_config()
-  config.task = "diffusers"
-  with config.unlocked():
-    config.model = ml_collections.ConfigDict(dict(
-        reference="configs/diffusers/sdxl-base-1.0",  # published configs, no weights
-        resolution=512,  # pixels; the paper trains 1k iterations at 512 px, then 1k at 1024 px
-        dtype="bfloat16",  # compute dtype of the UNet
-        teacher_dtype="bfloat16",  # the frozen teacher's stored dtype (student and fake score: float32)
-        attention="auto",  # cuDNN flash attention on GPUs, blocked attention on CPU, plain for short sequences
-        remat=True))
-    config.teacher = ml_collections.ConfigDict(dict(
-        pipeline="",  # a Diffusers SDXL folder (model_index.json, unet/, text_encoder*/, vae/, ...)
-        converted="",  # a converted checkpoint folder to reuse (default: WORKDIR/converted)
-        variant="",  # e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors
-        allow_pickle=False))  # load pickled .bin weights (only from sources you trust)
+  # 512 px: the paper trains 1k iterations at 512 px, then 1k at 1024 px.
+  config = default_config.diffusers_config(reference="configs/diffusers/sdxl-base-1.0", resolution=512)
   config.tdm.guidance_scale = 8.0
   config.optim.student_lr = 1e-6
   config.optim.fake_lr = 5e-6
@@ -38,5 +25,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 100
   config.eval.num_samples = 8
   config.eval.teacher_steps = (25,)
-  config.lock()
   return config

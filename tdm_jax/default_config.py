@@ -35,7 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.train = ml_collections.ConfigDict(dict(
       num_iterations=500, batch_size=32, checkpoint_every=100, keep_checkpoints=3, log_every=10,
-      ema_decay=0.0, progress=True, tensorboard=True, evaluate_after=True))
+      ema_decay=0.0, progress=True, tensorboard=True, evaluate_after=True,
+      export_after=True))  # export_after: Diffusers pipelines write WORKDIR/export when training ends
 
   # Devices: (data, fsdp, tensor); -1 takes all remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
@@ -48,6 +49,32 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict(dict(
       num_samples=1000, student_steps=(1, 2, 4), teacher_steps=(4,), reference_steps=100,
       reference_solver="ddim", student_solver="ddim",
-      prompt_file=""))  # prompt_file: evaluation prompts of Diffusers pipelines (default: data.prompt_file)
+      # Diffusers pipelines: num_samples prompts from prompt_file (default: data.prompt_file), each
+      # sampled samples_per_prompt times; classifier: an attribute-classifier folder that scores
+      # shapes captions (FD, adherence, diversity), "" for none.
+      prompt_file="", samples_per_prompt=1, classifier=""))
+  config.lock()
+  return config
+
+
+def diffusers_config(**model) -> ml_collections.ConfigDict:
+  """The base config for a Diffusers pipeline teacher (config.task "diffusers"): `model` and
+  `teacher` filled with their fields, `model` keyword arguments overriding the defaults."""
+  config = get_config()
+  config.task = "diffusers"
+  with config.unlocked():
+    config.model = ml_collections.ConfigDict(dict(
+        reference="",  # a folder of published configs (no weights), for shape-only work
+        resolution=0,  # pixels; 0: the UNet's sample_size times the VAE's factor
+        dtype="bfloat16",  # compute dtype of the UNet
+        teacher_dtype="bfloat16",  # the frozen teacher's stored dtype (student and fake score: float32)
+        attention="auto",  # cuDNN flash attention on GPUs, blocked attention on CPU, plain for short sequences
+        remat=True))
+    config.model.update(model)
+    config.teacher = ml_collections.ConfigDict(dict(
+        pipeline="",  # a Diffusers folder (model_index.json, unet/, text_encoder*/, vae/, ...)
+        converted="",  # a converted checkpoint folder to reuse (default: WORKDIR/converted)
+        variant="",  # e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors
+        allow_pickle=False))  # load pickled .bin weights (only from sources you trust)
   config.lock()
   return config

@@ -13,6 +13,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from tdm_jax import data, pipeline
@@ -120,39 +121,64 @@ def export(config, workdir: str, student_params) -> str:
   return dest
 
 
+def _compiled_and_timed(fn, *args):
+  """(outputs, ms per call) of `fn` compiled ahead of time and run once: the time excludes compilation."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  start = time.perf_counter()
+  out = jax.block_until_ready(compiled(*args))
+  return out, 1000.0 * (time.perf_counter() - start)
+
+
 def evaluate(config, workdir: str, task: Task, student_params) -> list:
-  """Samples the teacher (CFG, `eval.teacher_steps`) and the student (`eval.student_steps`) on the
-  same prompts and noise; writes PNG grids to WORKDIR/eval and returns NFE and ms per image."""
-  from tdm_jax import rng, sample  # pylint: disable=g-import-not-at-top
+  """One table row per sampler: the teacher with CFG at each of `eval.teacher_steps`, the student at
+  each of `eval.student_steps`, all on the same prompts and the same noise.
+
+  `eval.num_samples` prompts, each sampled `eval.samples_per_prompt` times (other noise). Rows hold
+  NFE and ms per image (sampling + VAE decode of the whole batch, compilation excluded); with
+  `eval.classifier` (shapes captions only) also Frechet distance to the real images of the prompts,
+  adherence and per-prompt diversity. Writes WORKDIR/eval/<sampler>.png (one image per prompt) and
+  WORKDIR/eval/comparison.png (a row per sampler, real images first when there are any).
+  """
+  from tdm_jax import evaluator, rng, sample  # pylint: disable=g-import-not-at-top
   from tdm_jax.models.vae import AutoencoderKL, VAEConfig  # pylint: disable=g-import-not-at-top
   out = ensure_converted(config, workdir)
   files = os.path.join(out, "pipeline")
   trees = pipeline_io.load_converted(out)
   e, cfg = config.eval, config.tdm
   prompts = data.read_prompts(e.prompt_file or config.data.prompt_file)[:e.num_samples]
-  cond, uncond = prompt_encoder(files, trees, task.sample_shape[-1] * vae_scale_factor(files))(prompts)
-  z = jax.random.normal(rng.derive(config.seed, 0, rng.Role.EVAL), (len(prompts),) + tuple(task.sample_shape))
+  if e.samples_per_prompt < 1:
+    raise ValueError(f"eval.samples_per_prompt must be >= 1, got {e.samples_per_prompt}")
+  batch_prompts = [p for p in prompts for _ in range(e.samples_per_prompt)]
+  firsts = np.arange(0, len(batch_prompts), e.samples_per_prompt)  # one image per prompt, for the grids
+  cond, uncond = prompt_encoder(files, trees, task.sample_shape[-1] * vae_scale_factor(files))(batch_prompts)
+  z = jax.random.normal(rng.derive(config.seed, 0, rng.Role.EVAL), (len(batch_prompts),) + tuple(task.sample_shape))
   vae = AutoencoderKL(VAEConfig.from_dict(folders.read_config(folders.component_path(files, "vae"))))
-  decode = jax.jit(vae.images_from_latents)
+  scorer = evaluator.PromptScorer(e.classifier, batch_prompts) if e.classifier else None
   calls = 1 if cfg.guidance_scale == 1.0 else 2
-  samplers = [(f"teacher, {n} DDIM steps, CFG {cfg.guidance_scale}", calls * n,
+  samplers = [(f"teacher, {n} DDIM steps, CFG {cfg.guidance_scale}", "teacher", calls * n,
                functools.partial(sample.teacher_sample, task.apply, task.teacher_params, task.schedule, num_steps=n,
                                  guidance_scale=cfg.guidance_scale, spacing="trailing"), (uncond,))
               for n in e.teacher_steps]
-  samplers += [(f"TDM student, {n} steps", n,
+  samplers += [(f"TDM student, {n} steps", "student", n,
                 functools.partial(sample.student_sample, task.apply, student_params, task.schedule, num_steps=n,
                                   total_steps=cfg.total_steps, solver=e.student_solver), ())
                for n in e.student_steps]
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-  rows = []
-  for name, nfe, fn, extra in samplers:
-    run = jax.jit(lambda z, c, *x, fn=fn: fn(z, c, *x))
-    jax.block_until_ready(run(z, cond, *extra))
-    start = time.perf_counter()
-    latents = jax.block_until_ready(run(z, cond, *extra))
-    ms = 1000.0 * (time.perf_counter() - start) / len(prompts)
-    slug = name.split(",")[0].replace(" ", "_").lower() + f"_{nfe}nfe"
-    sample.save_grid(decode(trees["vae"], latents), os.path.join(workdir, "eval", f"{slug}.png"),
-                     columns=min(len(prompts), 8))
-    rows.append({"sampler": name, "nfe": nfe, "ms_per_image": ms, "grid": f"eval/{slug}.png"})
+  columns = min(len(prompts), 8)
+  rows, comparison = [], [scorer.real[firsts[:columns]]] if scorer else []
+  for name, role, nfe, fn, extra in samplers:
+    generate = lambda z, c, *x, fn=fn: vae.images_from_latents(trees["vae"], fn(z, c, *x))
+    images, ms = _compiled_and_timed(generate, z, cond, *extra)
+    pixels = sample.to_uint8(images)
+    slug = f"{role}_{nfe}nfe"
+    sample.save_pixel_grid(pixels[firsts], os.path.join(workdir, "eval", f"{slug}.png"), columns=columns, upscale=2,
+                           pad=2)
+    comparison.append(pixels[firsts[:columns]])
+    row = {"sampler": name, "model": role, "nfe": nfe}
+    if scorer:
+      row.update(scorer(pixels))
+    row.update(ms_per_image=ms / len(batch_prompts), grid=f"eval/{slug}.png")
+    rows.append(row)
+  sample.save_pixel_grid(np.concatenate(comparison), os.path.join(workdir, "eval", "comparison.png"),
+                         columns=columns, upscale=2, pad=2)
   return rows

@@ -378,6 +378,43 @@ def diversity(features, prompt_ids) -> float:
   return float(np.mean(per_prompt))
 
 
+class PromptScorer:
+  """Scores generated images against the shapes captions they were made from.
+
+  `prompts` (one per image, repeats allowed: the same prompt with other noise) must be shapes
+  captions; the real images are the scenes the captions describe, rendered. Each call returns
+  adherence, Frechet distance to the real images on the classifier's features, and per-prompt
+  diversity (NaN when no prompt has two images).
+  """
+
+  def __init__(self, classifier_dir: str, prompts: Sequence[str]):
+    if not os.path.isfile(os.path.join(classifier_dir, WEIGHTS_FILE)):
+      raise FileNotFoundError(f"no attribute classifier in {classifier_dir} ({WEIGHTS_FILE} missing); set "
+                              f"config.eval.classifier to the evaluator folder of the shapes pipeline, or to '' "
+                              f"for no image metrics")
+    self.params, meta = load_classifier(classifier_dir)
+    data_config = meta.get("config") or ShapesConfig()
+    scenes = []
+    for prompt in prompts:
+      try:
+        scenes.append(shapes_data.parse_caption(prompt))
+      except ValueError as err:
+        raise ValueError(f"eval prompt {prompt!r} is not a shapes caption; config.eval.classifier scores only "
+                         f"shapes captions (set it to '' for other prompts)") from err
+    self.scenes = scenes
+    unique = sorted(set(prompts))
+    self.prompt_ids = np.asarray([unique.index(p) for p in prompts])
+    self.real = shapes_data.render(scenes, data_config)
+    self.real_features = features(self.params, self.real)
+
+  def __call__(self, images) -> Dict[str, float]:
+    out = predict(self.params, images)
+    has_pairs = np.bincount(self.prompt_ids).max() >= 2
+    return {"fd": frechet_distance(out["features"], self.real_features),
+            "adherence": adherence(out, self.scenes),
+            "diversity": diversity(out["features"], self.prompt_ids) if has_pairs else float("nan")}
+
+
 # ----------------------------------------------------------------------------------------------
 # Persistence.
 

@@ -1,9 +1,10 @@
 """The command line: `python -m tdm_jax.main --config=configs/<model>.py --workdir=DIR [--mode=...]`.
 
-Modes: `train` distils (resuming from DIR if it holds checkpoints) and then evaluates when
-`train.evaluate_after` is set; `evaluate` evaluates the latest checkpoint in DIR; `convert`
+Modes: `train` distils (resuming from DIR if it holds checkpoints), then exports (Diffusers
+pipelines, `train.export_after`) and evaluates (`train.evaluate_after`); `evaluate` evaluates the latest checkpoint in DIR; `convert`
 turns `teacher.pipeline` (a Diffusers folder) into DIR/converted; `export` writes the latest
-student as a Diffusers `unet/` folder and a whole pipeline folder under DIR/export. Any config
+student as a Diffusers `unet/` folder and a whole pipeline folder under DIR/export; `pretrain`
+makes a teacher pipeline from nothing (configs/shapes_teacher.py: the shipped one). Any config
 field can be overridden as `--config.train.batch_size=64`; unknown keys are errors.
 """
 
@@ -20,9 +21,10 @@ from ml_collections import config_flags
 
 from tdm_jax import metrics, train
 
-MODES = ("train", "evaluate", "convert", "export")
+MODES = ("train", "evaluate", "convert", "export", "pretrain")
 # config.task -> the module that turns a config into a Task and evaluates a student on it.
-TASKS = {"toy": "tdm_jax.toy_task", "diffusers": "tdm_jax.diffusers_task"}
+TASKS = {"toy": "tdm_jax.toy_task", "diffusers": "tdm_jax.diffusers_task",
+         "shapes_teacher": "tdm_jax.shapes_teacher"}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                           lock_config=True)
@@ -59,11 +61,18 @@ def run(config, workdir: str, mode: str):
   if mode in ("convert", "export") and not hasattr(module, "export"):
     raise ValueError(f"--mode={mode} works on Diffusers pipelines (config.task='diffusers'), "
                      f"not on config.task={config.task!r}")
+  if mode == "pretrain" or not hasattr(module, "build_task"):
+    if mode != "pretrain" or not hasattr(module, "pretrain_pipeline"):
+      raise ValueError(f"--mode=pretrain goes with config.task='shapes_teacher' (configs/shapes_teacher.py) and "
+                       f"that task only with it; got --mode={mode} and config.task={config.task!r}")
+    return module.pretrain_pipeline(config, workdir)
   if mode == "convert":
     return module.ensure_converted(config, workdir)
   task = module.build_task(config, workdir, progress=config.train.progress)
   if mode == "train":
     state = train.distill(task, config, workdir)
+    if config.train.export_after and hasattr(module, "export"):
+      logging.warning("student exported to %s", module.export(config, workdir, train.student_params(state)))
     if config.train.evaluate_after:
       run_evaluation(config, workdir, module, task, state)
     return state

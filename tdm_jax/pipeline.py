@@ -69,6 +69,18 @@ def sdxl_time_ids(batch: int, original_size=(1024, 1024), crop_top_left=(0, 0), 
   return np.tile(row, (batch, 1))
 
 
+def sdxl_condition(encoder_outputs: Sequence[dict], time_ids) -> dict:
+  """SDXL's UNet conditioning from its text encoders' outputs, in pipeline order: the penultimate
+  hidden states concatenated on features, and the projected pooled embedding ("text_embeds") of the
+  first encoder that has a projection. A pure function, so training can differentiate through it."""
+  pooled = next((out["text_embeds"] for out in encoder_outputs if "text_embeds" in out), None)
+  if pooled is None:
+    raise ValueError("SDXL needs a text encoder with projection (CLIPTextModelWithProjection) for the "
+                     "pooled embedding; none of this pipeline's encoders has one")
+  return {"encoder_hidden_states": jnp.concatenate([out["hidden_states"][-2] for out in encoder_outputs], axis=-1),
+          "text_embeds": pooled, "time_ids": jnp.asarray(time_ids)}
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptEncoder:
   """Prompts -> the UNet's conditioning pytree, for SD (one encoder) or SDXL (two)."""
@@ -81,17 +93,8 @@ class PromptEncoder:
     if self.kind == "sd":
       encoder = self.encoders[0]
       return {"encoder_hidden_states": encoder(encoder.token_ids(prompts))["last_hidden_state"]}
-    hidden, pooled = [], None
-    for encoder in self.encoders:
-      out = encoder(encoder.token_ids(prompts))
-      if pooled is None and encoder.model.config.with_projection:
-        pooled = out["text_embeds"]
-      hidden.append(out["hidden_states"][-2])
-    if pooled is None:
-      raise ValueError("SDXL needs a text encoder with projection (CLIPTextModelWithProjection) for the "
-                       "pooled embedding; none of this pipeline's encoders has one")
-    return {"encoder_hidden_states": jnp.concatenate(hidden, axis=-1), "text_embeds": pooled,
-            "time_ids": jnp.asarray(sdxl_time_ids(len(prompts), self.image_size, (0, 0), self.image_size))}
+    outputs = [encoder(encoder.token_ids(prompts)) for encoder in self.encoders]
+    return sdxl_condition(outputs, sdxl_time_ids(len(prompts), self.image_size, (0, 0), self.image_size))
 
   def __call__(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]] = None):
     """(cond, uncond): the conditioning of the prompts and of their negatives ("" by default)."""

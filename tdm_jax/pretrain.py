@@ -1,12 +1,15 @@
 """Teacher pretraining with the usual denoising objective and condition dropout for CFG.
 
-TDM distils a teacher it is given; the shipped examples make their own teachers, with this.
+TDM distils a teacher it is given; the shipped examples make their own teachers, with this:
+`pretrain` for the seconds-long vector teacher, `fit` for anything that runs long enough to
+need checkpoints (the shapes pipeline's VAE and denoiser).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+import os
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +17,8 @@ import optax
 import tqdm
 
 from tdm_jax import rng
+from tdm_jax.checkpoint import Checkpointer
+from tdm_jax.metrics import MetricsWriter
 from tdm_jax.schedules import Schedule
 
 PyTree = Any
@@ -71,3 +76,48 @@ def pretrain(apply: Callable, params: PyTree, schedule: Schedule, data: Callable
                                  f"learning rate")
       bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
   return params
+
+
+def fit(step_fn: Callable, init_fn: Callable, batch_fn: Callable, *, num_iterations: int, workdir: str,
+        checkpoint_every: int, keep_checkpoints: int = 2, log_every: int = 50, desc: str = "train",
+        progress: bool = True, loss_key: str = "loss") -> PyTree:
+  """Runs (or resumes) `state, scalars = step_fn(state, batch, step)` up to `num_iterations`.
+
+  `init_fn()` makes the first state (also traced with `jax.eval_shape` to restore into);
+  `batch_fn(step)` is the host batch of an iteration, a pure function of it, so a run killed and
+  resumed from `workdir/checkpoints` repeats the uninterrupted one. Scalars go to
+  `workdir/metrics.jsonl`. A non-finite `scalars[loss_key]` stops the run, naming the iteration
+  and the last checkpoint, which stays intact.
+  """
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=checkpoint_every,
+                              keep=keep_checkpoints)
+  writer = MetricsWriter(workdir, tensorboard=False)
+  try:
+    start, state = checkpointer.restore_latest(jax.eval_shape(init_fn))
+    if state is None:
+      start, state = 0, jax.jit(init_fn)()
+    writer.truncate_after(start)
+    bar = tqdm.tqdm(total=num_iterations, initial=start, desc=desc, unit="it", dynamic_ncols=True,
+                    disable=not progress or jax.process_index() != 0)
+    for step in range(start, num_iterations):
+      state, scalars = step_fn(state, batch_fn(step), jnp.int32(step))
+      done = step + 1
+      save = checkpointer.should_save(done) or done == num_iterations
+      if done % log_every == 0 or save:  # checked before every save: no checkpoint holds a NaN run
+        scalars = {k: float(v) for k, v in jax.device_get(scalars).items()}
+        if not jnp.isfinite(scalars[loss_key]):
+          last: Optional[int] = checkpointer.latest_step
+          raise FloatingPointError(
+              f"{desc}: {loss_key} is {scalars[loss_key]} at iteration {done}; the last checkpoint "
+              f"({last if last is not None else 'none'}) in {checkpointer.directory} is intact: lower the "
+              f"learning rate and run again to resume from it")
+        writer.write(done, scalars)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in scalars.items()}, refresh=False)
+      bar.update(1)
+      if save:
+        checkpointer.save(done, state)
+    bar.close()
+  finally:
+    writer.close()
+    checkpointer.close()
+  return state

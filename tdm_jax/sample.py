@@ -92,12 +92,20 @@ def to_uint8(images_nchw) -> np.ndarray:
 
 def save_grid(images_nchw, path: str, columns: int) -> None:
   """A PNG grid of a batch of images in [-1, 1] (NCHW), `columns` wide, row-major."""
+  save_pixel_grid(to_uint8(images_nchw), path, columns)
+
+
+def save_pixel_grid(pixels, path: str, columns: int, upscale: int = 1, pad: int = 0) -> None:
+  """A PNG grid of uint8 NHWC images, `columns` wide, row-major, nearest-neighbour upscaled, with
+  `pad` white pixels between images."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  pixels = to_uint8(images_nchw)
+  pixels = np.asarray(pixels)
+  if upscale > 1:
+    pixels = pixels.repeat(upscale, axis=1).repeat(upscale, axis=2)
   n, h, w, c = pixels.shape
   rows = -(-n // columns)
-  grid = np.zeros((rows * h, columns * w, c), np.uint8)
+  grid = np.full((rows * (h + pad) - pad, columns * (w + pad) - pad, c), 255, np.uint8)
   for i, image in enumerate(pixels):
     r, col = divmod(i, columns)
-    grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+    grid[r * (h + pad):r * (h + pad) + h, col * (w + pad):col * (w + pad) + w] = image
   Image.fromarray(grid if c == 3 else grid[..., 0]).save(path)

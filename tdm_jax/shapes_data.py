@@ -410,23 +410,3 @@ def attribute_labels(scenes: Sequence[Scene], max_objects: Optional[int] = None)
       for key, names in vocab.items():
         labels[key][i, j] = names.index(getattr(obj, key))
   return labels
-
-
-def make_grid(images: np.ndarray, cols: int, upscale: int = 1, pad: int = 0, pad_value: int = 255) -> np.ndarray:
-  """Tiles uint8 (n, H, W, 3) into one (rows*(H*upscale+pad)-pad, ..., 3) image, nearest-neighbour upscaled."""
-  images = np.asarray(images)
-  if upscale > 1:
-    images = images.repeat(upscale, axis=1).repeat(upscale, axis=2)
-  n, h, w, c = images.shape
-  rows = -(-n // cols)
-  grid = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad, c), pad_value, images.dtype)
-  for i in range(n):
-    r, col = divmod(i, cols)
-    grid[r * (h + pad):r * (h + pad) + h, col * (w + pad):col * (w + pad) + w] = images[i]
-  return grid
-
-
-def save_grid(path: str, images: np.ndarray, cols: int, upscale: int = 1, pad: int = 0) -> None:
-  """Writes `make_grid(...)` as a PNG (needs Pillow)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  Image.fromarray(make_grid(images, cols, upscale, pad)).save(path)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tdm_jax import sample
 from tdm_jax import shapes_data as sd
 
 CONFIG = sd.ShapesConfig()
@@ -171,7 +172,13 @@ def test_grid_png_smoke(tmp_path):
   images = sd.batch(0, 0, 64, sd.ShapesConfig(image_size=64))[0]
   assert images.shape == (64, 64, 64, 3)
   path = tmp_path / "grid.png"
-  sd.save_grid(str(path), images, cols=8)
+  sample.save_pixel_grid(images, str(path), columns=8)
   with Image.open(path) as im:
     assert im.size == (512, 512) and im.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(im)[:64, 64:128], images[1])
+  sample.save_pixel_grid(images[:3], str(path), columns=2, upscale=2, pad=1)
+  with Image.open(path) as im:
+    grid = np.asarray(im)
+    assert im.size == (2 * 128 + 1, 2 * 128 + 1)
+    np.testing.assert_array_equal(grid[129:, :128], images[2].repeat(2, 0).repeat(2, 1))
+    assert (grid[128] == 255).all() and (grid[129:, 129:] == 255).all()

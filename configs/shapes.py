@@ -1,0 +1,33 @@
+"""The embedded default: TDM on the shipped shapes pipeline, on CPU, end to end.
+
+  python -m tdm_jax.main --config=configs/shapes.py --workdir=/tmp/tdm_shapes
+
+converts the small SDXL-style Diffusers folder in tdm_jax/assets/shapes/pipeline (the path SDXL
+takes: configs/sdxl.py), distils a 4-step student with TDM, exports it as WORKDIR/export/pipeline
+(Diffusers loads it) and writes the evaluation table and image grids to WORKDIR/eval.
+configs/shapes_teacher.py remakes the teacher itself.
+"""
+
+import ml_collections
+
+from tdm_jax import default_config
+from tdm_jax import shapes_teacher
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = default_config.diffusers_config(dtype="float32", teacher_dtype="float32", remat=False)
+  config.teacher.pipeline = shapes_teacher.SHIPPED_PIPELINE
+  config.data.prompt_file = shapes_teacher.SHIPPED_TRAIN_PROMPTS
+  config.tdm.guidance_scale = 4.0
+  config.optim.student_lr = 2e-5
+  config.optim.fake_lr = 1e-4
+  config.train.batch_size = 32
+  config.train.num_iterations = 600
+  config.train.checkpoint_every = 100
+  config.eval.prompt_file = shapes_teacher.SHIPPED_EVAL_PROMPTS
+  config.eval.classifier = shapes_teacher.SHIPPED_EVALUATOR
+  config.eval.num_samples = 128
+  config.eval.samples_per_prompt = 4
+  config.eval.teacher_steps = (50, 25, 4)
+  config.eval.student_steps = (1, 2, 4)
+  return config

@@ -1,0 +1,103 @@
+"""The shipped shapes teacher (tdm_jax/assets/shapes): a real Diffusers SDXL folder, its evaluator,
+and the README's main command, shortened."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from tdm_jax import data, evaluator, pipeline, sample, shapes_data, shapes_teacher
+from tdm_jax.convert import folders
+from tdm_jax.convert.pipeline import convert_pipeline
+from tdm_jax.diffusers_task import unet_apply
+from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
+from tdm_jax.models.vae import AutoencoderKL, VAEConfig
+from tdm_jax.schedules import from_diffusers_config
+
+PIPELINE = shapes_teacher.SHIPPED_PIPELINE
+PROMPTS = ["a small red circle in the top left on a white background",
+           "a large blue square in the center and a small yellow triangle in the bottom right on a gray background"]
+
+
+def test_shipped_folder_is_a_small_sdxl_pipeline():
+  size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(shapes_teacher.ASSETS) for f in files)
+  assert size <= 25 * 2**20, f"shipped assets take {size / 2**20:.1f} MiB"
+  index = folders.read_model_index(PIPELINE)
+  assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"]
+  unet = folders.read_config(folders.component_path(PIPELINE, "unet"))
+  assert unet["addition_embed_type"] == "text_time"
+  for name in ("tokenizer", "tokenizer_2"):  # the Transformers tokenizer format, one token per caption word
+    tokenizer = pipeline.load_tokenizer(folders.component_path(PIPELINE, name))
+    ids = tokenizer(PROMPTS[1]).input_ids
+    assert len(ids) == len(PROMPTS[1].split()) + 2 and tokenizer.unk_token_id not in ids[1:-1]
+  assert len(data.read_prompts(shapes_teacher.SHIPPED_TRAIN_PROMPTS)) >= 1000
+  for prompt in data.read_prompts(shapes_teacher.SHIPPED_EVAL_PROMPTS):
+    shapes_data.parse_caption(prompt)  # every evaluation prompt is a caption the evaluator can score
+
+
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "DPMSolverMultistepScheduler"])
+def test_diffusers_pipeline_makes_the_images_our_sampler_makes(scheduler):
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(PIPELINE, add_watermarker=False)
+  scheduler_config = dict(pipe.scheduler.config)
+  pipe.scheduler = getattr(diffusers, scheduler).from_config(scheduler_config)
+  pipe.set_progress_bar_config(disable=True)
+  steps, guidance = 6, 4.0
+  z = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (len(PROMPTS), 4, 8, 8)), np.float32)
+  theirs = pipe(PROMPTS, latents=torch.from_numpy(z.copy()), num_inference_steps=steps, guidance_scale=guidance,
+                output_type="np").images
+
+  trees = convert_pipeline(PIPELINE)
+  cond, uncond = pipeline.load_prompt_encoder(PIPELINE)(PROMPTS)
+  model = UNet2DConditionModel(UNetConfig.from_dict(folders.read_config(folders.component_path(PIPELINE, "unet"))))
+  schedule = from_diffusers_config(scheduler_config)
+  solver = "ddim" if scheduler == "DDIMScheduler" else "dpm_solver_2m"
+  # The shipped config says set_alpha_to_one=false: Diffusers' DDIM ends on timestep 0, not on x0.
+  final = 0 if solver == "ddim" else -1
+  latents = sample.teacher_sample(unet_apply(model), trees["unet"], schedule, z, cond, uncond, num_steps=steps,
+                                  guidance_scale=guidance, solver=solver, spacing="leading", steps_offset=1,
+                                  final_timestep=final)
+  vae = AutoencoderKL(VAEConfig.from_dict(folders.read_config(folders.component_path(PIPELINE, "vae"))))
+  ours = np.clip(np.asarray(vae.images_from_latents(trees["vae"], latents)).transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
+  assert ours.shape == theirs.shape == (2, 32, 32, 3)
+  np.testing.assert_allclose(ours, theirs, atol=2e-3)
+  assert np.abs(theirs[0] - theirs[1]).mean() > 0.05  # the prompts make different images
+
+
+def test_shipped_evaluator_is_honest():
+  """On real images of held-out captions the shipped classifier agrees; shuffled captions collapse."""
+  images, captions, _ = shapes_data.batch(7, 0, 256)
+  score = evaluator.PromptScorer(shapes_teacher.SHIPPED_EVALUATOR, captions)
+  real = score(images)
+  assert real["adherence"] >= 0.95 and real["fd"] < 1e-6  # the real images of the prompts are these images
+  shuffled = evaluator.PromptScorer(shapes_teacher.SHIPPED_EVALUATOR, list(np.random.default_rng(0).permutation(captions)))
+  assert shuffled(images)["adherence"] < 0.2
+  # Two real samples of other captions are far closer than one of them with its colour channels swapped.
+  a, b = (evaluator.features(score.params, shapes_data.batch(seed, 0, 512)[0]) for seed in (8, 9))
+  swapped = evaluator.features(score.params, shapes_data.batch(8, 0, 512)[0][..., ::-1])
+  assert 3 * evaluator.frechet_distance(a, b) < evaluator.frechet_distance(swapped, b)
+
+
+def test_readme_command_shortened(tmp_path):
+  """`python -m tdm_jax.main --config=configs/shapes.py`: convert, distil, export, evaluate."""
+  workdir = tmp_path / "run"
+  flags = ["--config.train.num_iterations=2", "--config.train.batch_size=8", "--config.train.checkpoint_every=2",
+           "--config.train.progress=false", "--config.eval.num_samples=4", "--config.eval.samples_per_prompt=2",
+           "--config.eval.teacher_steps=(3,)", "--config.eval.student_steps=(1,)"]
+  env = dict(os.environ, XLA_FLAGS="")  # one device, as on a laptop
+  subprocess.run([sys.executable, "-m", "tdm_jax.main", "--config=configs/shapes.py", f"--workdir={workdir}"] + flags,
+                 cwd=REPO, env=env, check=True, timeout=600)
+  rows = json.loads((workdir / "eval" / "table.json").read_text())
+  assert [(r["model"], r["nfe"]) for r in rows] == [("teacher", 6), ("student", 1)]
+  for row in rows:
+    assert 0.0 <= row["adherence"] <= 1.0 and row["fd"] > 0 and row["diversity"] >= 0 and row["ms_per_image"] > 0
+    assert (workdir / row["grid"]).is_file()
+  assert (workdir / "eval" / "comparison.png").is_file() and (workdir / "eval" / "table.md").is_file()
+  assert folders.read_model_index(str(workdir / "export" / "pipeline"))["_class_name"] == "StableDiffusionXLPipeline"
+  assert os.path.isdir(workdir / "converted" / "params")
