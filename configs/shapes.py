@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.student_lr = 2e-5
   config.optim.fake_lr = 1e-4
   config.train.batch_size = 32
-  config.train.num_iterations = 600
+  config.train.num_iterations = 700
   config.train.checkpoint_every = 100
   config.eval.prompt_file = shapes_teacher.SHIPPED_EVAL_PROMPTS
   config.eval.classifier = shapes_teacher.SHIPPED_EVALUATOR

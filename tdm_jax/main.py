@@ -1,12 +1,12 @@
 """The command line: `python -m tdm_jax.main --config=configs/<model>.py --workdir=DIR [--mode=...]`.
 
 Modes: `train` distils (resuming from DIR if it holds checkpoints), then exports (Diffusers
-pipelines, `train.export_after`) and evaluates (`train.evaluate_after`); `evaluate` evaluates the latest checkpoint in DIR; `convert`
-turns `teacher.pipeline` (a Diffusers folder) into DIR/converted; `export` writes the latest
-student as a Diffusers `unet/` folder and a whole pipeline folder under DIR/export; `pretrain`
-makes a teacher pipeline from nothing (configs/shapes_teacher.py: the shipped one). Any config
-field can be overridden as `--config.train.batch_size=64`; unknown keys are errors.
-"""
+pipelines, `train.export_after`) and evaluates (`train.evaluate_after`); `evaluate` evaluates the
+latest checkpoint in DIR; `convert` turns `teacher.pipeline` (a Diffusers folder) into
+DIR/converted; `export` writes the latest student as a Diffusers `unet/` folder and a whole
+pipeline folder under DIR/export; `pretrain` makes a teacher pipeline from nothing
+(configs/shapes_teacher.py: the shipped one). Any config field can be overridden as
+`--config.train.batch_size=64`; unknown keys are errors."""
 
 from __future__ import annotations
 

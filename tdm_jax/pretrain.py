@@ -43,6 +43,14 @@ def denoising_loss(params, apply: Callable, schedule: Schedule, x0, cond, uncond
   return jnp.mean((out.astype(jnp.float32) - target)**2)
 
 
+def clipped_adam(learning_rate: float, num_iterations: int, warmup_steps: int) -> optax.GradientTransformation:
+  """Adam with global-norm clipping at 1, linear warm-up, then cosine decay to a tenth."""
+  warmup_steps = max(warmup_steps, 1)
+  lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(num_iterations, warmup_steps + 1),
+                                          end_value=0.1 * learning_rate)
+  return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
+
+
 def pretrain(apply: Callable, params: PyTree, schedule: Schedule, data: Callable, *, num_iterations: int,
              batch_size: int, learning_rate: float, cond_dropout: float, seed: int, warmup_steps: int = 0,
              progress: bool = True) -> PyTree:
@@ -51,10 +59,7 @@ def pretrain(apply: Callable, params: PyTree, schedule: Schedule, data: Callable
   Deterministic in (seed, iteration), like distillation. Meant for the small teachers of the
   examples, which train in seconds to minutes.
   """
-  warmup_steps = max(warmup_steps, 1)
-  lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(num_iterations, warmup_steps + 1),
-                                          end_value=0.1 * learning_rate)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
+  tx = clipped_adam(learning_rate, num_iterations, warmup_steps)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step_fn(params, opt_state, step):

@@ -29,7 +29,7 @@ def test_distill_your_own_example_runs(tmp_path):
 
 
 def test_toy_student_beats_the_teachers_own_four_steps(tmp_path):
-  """The README's claim, from the README's command (configs/toy.py as shipped)."""
+  """The README's claim for the vector example, from its command (configs/toy.py as shipped)."""
   from configs import toy  # pylint: disable=g-import-not-at-top
   config = toy.get_config()
   config.train.progress = False

@@ -86,6 +86,8 @@ def test_shipped_evaluator_is_honest():
 
 def test_readme_command_shortened(tmp_path):
   """`python -m tdm_jax.main --config=configs/shapes.py`: convert, distil, export, evaluate."""
+  with open(os.path.join(REPO, "README.md")) as f:
+    assert "pip install -e . && python -m tdm_jax.main --config=configs/shapes.py --workdir=" in f.read()
   workdir = tmp_path / "run"
   flags = ["--config.train.num_iterations=2", "--config.train.batch_size=8", "--config.train.checkpoint_every=2",
            "--config.train.progress=false", "--config.eval.num_samples=4", "--config.eval.samples_per_prompt=2",
