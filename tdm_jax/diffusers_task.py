@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -121,14 +120,6 @@ def export(config, workdir: str, student_params) -> str:
   return dest
 
 
-def _compiled_and_timed(fn, *args):
-  """(outputs, ms per call) of `fn` compiled ahead of time and run once: the time excludes compilation."""
-  compiled = jax.jit(fn).lower(*args).compile()
-  start = time.perf_counter()
-  out = jax.block_until_ready(compiled(*args))
-  return out, 1000.0 * (time.perf_counter() - start)
-
-
 def evaluate(config, workdir: str, task: Task, student_params) -> list:
   """One table row per sampler: the teacher with CFG at each of `eval.teacher_steps`, the student at
   each of `eval.student_steps`, all on the same prompts and the same noise.
@@ -168,7 +159,7 @@ def evaluate(config, workdir: str, task: Task, student_params) -> list:
   rows, comparison = [], [scorer.real[firsts[:columns]]] if scorer else []
   for name, role, nfe, fn, extra in samplers:
     generate = lambda z, c, *x, fn=fn: vae.images_from_latents(trees["vae"], fn(z, c, *x))
-    images, ms = _compiled_and_timed(generate, z, cond, *extra)
+    images, ms = sample.timed(generate, z, cond, *extra)
     pixels = sample.to_uint8(images)
     slug = f"{role}_{nfe}nfe"
     sample.save_pixel_grid(pixels[firsts], os.path.join(workdir, "eval", f"{slug}.png"), columns=columns, upscale=2,

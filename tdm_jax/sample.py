@@ -6,6 +6,8 @@ of noise; all take the `apply(params, x_t, t, cond, **extra)` callables of tdm.p
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,6 +84,14 @@ def teacher_sample(apply, params, schedule: Schedule, z, cond, uncond, *, num_st
                                  scheduler="ddim" if solver == "ddim" else "dpm")
   return sample(apply, params, schedule, z, cond, timesteps, solver=solver, uncond=uncond,
                 guidance_scale=guidance_scale, final_timestep=final_timestep)
+
+
+def timed(fn, *args):
+  """(outputs, milliseconds) of one call of `fn`, compiled ahead of time: the time excludes compilation."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  start = time.perf_counter()
+  out = jax.block_until_ready(compiled(*args))
+  return out, 1000.0 * (time.perf_counter() - start)
 
 
 def to_uint8(images_nchw) -> np.ndarray:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -90,14 +89,6 @@ def build_task(config, workdir: str, progress: bool = True) -> Task:
               schedule=schedule_of(config), sample_shape=(config.model.dim,), batch=batch)
 
 
-def _timed(fn, *args):
-  """(result, milliseconds per call) of a jitted fn, excluding its compilation."""
-  jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  return np.asarray(out), 1000.0 * (time.perf_counter() - start)
-
-
 def evaluate(config, workdir: str, task: Task, student_params) -> list:
   """Rows of the evaluation table: each sampler against the teacher's many-step samples.
 
@@ -127,7 +118,7 @@ def evaluate(config, workdir: str, task: Task, student_params) -> list:
 
   calls = 1 if cfg.guidance_scale == 1.0 else 2  # network calls per teacher step
   ref_fn = teacher(e.reference_steps, e.reference_solver)
-  reference, _ = _timed(ref_fn, task.teacher_params, task.schedule, z_ref, cond, uncond)
+  reference = np.asarray(sample.timed(ref_fn, task.teacher_params, task.schedule, z_ref, cond, uncond)[0])
   candidates = [(f"teacher, {e.reference_steps} steps, CFG {cfg.guidance_scale} (fresh noise)", "teacher",
                  calls * e.reference_steps, ref_fn, (task.teacher_params, task.schedule, z_floor, cond, uncond))]
   for steps in e.teacher_steps:
@@ -138,7 +129,8 @@ def evaluate(config, workdir: str, task: Task, student_params) -> list:
                        (student_params, task.schedule, z, cond)))
   rows = []
   for name, role, nfe, fn, args in candidates:
-    x, ms = _timed(fn, *args)
+    x, ms = sample.timed(fn, *args)
+    x = np.asarray(x)
     rows.append({
         "sampler": name, "model": role, "nfe": nfe,
         "energy_distance_to_teacher": toy.classwise_energy_distance(x, labels, reference, labels, num_classes),
