@@ -112,8 +112,8 @@ def unet_config(config, text_configs: tuple) -> dict:
 def scheduler_config(config) -> dict:
   """SDXL's scheduler (Euler, leading spacing, offset 1) on this config's noise schedule.
 
-  As in SDXL's own file, clip_sample and set_alpha_to_one are false: a DDIMScheduler made
-  `from_config` of it then neither clips x0 nor jumps to alpha 1 at the end.
+  clip_sample and set_alpha_to_one are written false, so that a DDIMScheduler made `from_config`
+  of it neither clips x0 nor jumps to alpha 1 at the end (Euler ignores both).
   """
   s = config.schedule
   return dict(_class_name="EulerDiscreteScheduler", _diffusers_version=DIFFUSERS_VERSION,
