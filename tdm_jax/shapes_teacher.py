@@ -22,7 +22,6 @@ The repository ships the results under `tdm_jax/assets/shapes/`.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import tempfile
@@ -297,10 +296,10 @@ def write_pipeline(config, out: str, tokenizer, vae_params, scaling_factor: floa
   os.makedirs(parent, exist_ok=True)
   small = tempfile.mkdtemp(prefix=".small-files-", dir=parent)
   try:
-    _write_json(os.path.join(small, folders.MODEL_INDEX), MODEL_INDEX)
-    _write_json(os.path.join(small, "scheduler", "scheduler_config.json"), scheduler_config(config))
+    folders.write_json(os.path.join(small, folders.MODEL_INDEX), MODEL_INDEX)
+    folders.write_json(os.path.join(small, "scheduler", "scheduler_config.json"), scheduler_config(config))
     for name, component_config in configs.items():
-      _write_json(os.path.join(small, name, "config.json"), component_config)
+      folders.write_json(os.path.join(small, name, "config.json"), component_config)
     for name in ("tokenizer", "tokenizer_2"):
       tokenizer.save_pretrained(os.path.join(small, name))
     trees = {"unet": denoiser_params["unet"], "vae": vae_params, "text_encoder": denoiser_params["text_encoder"],
@@ -309,13 +308,6 @@ def write_pipeline(config, out: str, tokenizer, vae_params, scaling_factor: floa
   finally:
     shutil.rmtree(small, ignore_errors=True)
   return out
-
-
-def _write_json(path: str, value: dict) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-    f.write("\n")
 
 
 # ---- all stages --------------------------------------------------------------------------------

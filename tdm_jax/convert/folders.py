@@ -297,7 +297,10 @@ def load_state_dict(component_dir, *, variant=None, allow_pickle=False) -> Dict[
 # ----------------------------------------------------------------------------- saving
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
+  """`obj` as indented, key-sorted JSON at `path` (atomically; parent folders made as needed)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
   def write(tmp):
     with open(tmp, "w", encoding="utf-8") as f:
       json.dump(obj, f, indent=2, sort_keys=True)
@@ -368,10 +371,10 @@ def save_state_dict(component_dir, state_dict, config: dict, *,
                     lambda tmp, shard=shard: save_file(shard, tmp, metadata=metadata))
       written.append(name)
       weight_map.update({k: name for k in shard})
-    _write_json(os.path.join(component_dir, index_name),
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    write_json(os.path.join(component_dir, index_name),
+               {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
     written.append(index_name)
-  _write_json(os.path.join(component_dir, "config.json"), dict(config))
+  write_json(os.path.join(component_dir, "config.json"), dict(config))
 
   stale = re.compile(rf"^{re.escape(stem)}(?:-\d+-of-\d+)?\.safetensors(?:\.index\.json)?$")
   for f in os.listdir(component_dir):
