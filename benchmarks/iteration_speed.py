@@ -21,7 +21,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import toy  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tdm_jax import optim, sharding, toy_task, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tdm_jax import sharding, toy_task, train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size.")
 _ITERATIONS = flags.DEFINE_integer("iterations", 50, "Timed iterations.")
@@ -41,21 +41,26 @@ def main(_):
   config.teacher.num_iterations = 10  # weights do not matter for speed
   config.train.batch_size = _BATCH.value
   task = toy_task.build_task(config, tempfile.mkdtemp(), progress=False)
-  student_tx, fake_tx, student_lr, fake_lr = optim.make_optimizers(config.optim, config.train.num_iterations)
   mesh = sharding.make_mesh(config.mesh.shape)
   with jax.set_mesh(mesh):
-    state = train.init_state(task, student_tx, fake_tx, use_ema=False)
-    step = jax.jit(train.make_train_step(task, config, student_tx, fake_tx, student_lr, fake_lr))
+    p = train.plan(task, config, mesh)
+    teacher = jax.device_put(task.teacher_params, p.teacher)
+    state = train.initial_state(task, config, p, teacher)
     cond, uncond = (sharding.shard_batch(x, mesh) for x in task.batch(0, _BATCH.value))
-    start = time.perf_counter()
-    compiled = step.lower(state, task.teacher_params, cond, uncond).compile()
-    compile_s = time.perf_counter() - start
-    run = lambda s: compiled(s, task.teacher_params, cond, uncond)[0]
-    iteration_ms = _median_ms(run, state, repeats=_ITERATIONS.value)
+    compiled, times = train.compile_step(train.make_train_step(task, config), p, state, teacher, None,
+                                         (cond, uncond))
+    compile_s = times["trace_s"] + times["compile_s"]
+    current = [state]  # the step donates its state: each call takes the previous call's output
+
+    def run():
+      current[0] = compiled(current[0], teacher, None, (cond, uncond))[0]
+      return current[0]
+
+    iteration_ms = _median_ms(run, repeats=_ITERATIONS.value)
     z = jnp.zeros((_BATCH.value,) + tuple(task.sample_shape))
     t = jnp.full((_BATCH.value,), 500)
     forward = jax.jit(functools.partial(task.apply, cond={"label": jnp.asarray(cond["label"])}))
-    forward_ms = _median_ms(forward, task.teacher_params, z, t, repeats=_ITERATIONS.value)
+    forward_ms = _median_ms(forward, teacher, z, t, repeats=_ITERATIONS.value)
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}, batch {_BATCH.value}")
   print(f"compile: {compile_s:.2f} s")
   print(f"TDM iteration: {iteration_ms:.2f} ms ({1000 / iteration_ms:.1f} it/s)")

@@ -9,6 +9,8 @@ from a config file or a `--config.a.b=...` override.
 
 import ml_collections
 
+from tdm_jax import lora, sharding
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -36,10 +38,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict(dict(
       num_iterations=500, batch_size=32, checkpoint_every=100, keep_checkpoints=3, log_every=10,
       ema_decay=0.0, progress=True, tensorboard=True, evaluate_after=True,
-      export_after=True))  # export_after: Diffusers pipelines write WORKDIR/export when training ends
+      export_after=True,  # Diffusers pipelines write WORKDIR/export when training ends
+      # A new stage of a recipe: a workdir whose latest checkpoint's student (its EMA if kept) starts
+      # this run; the fake score and the optimisers start afresh. Used only when WORKDIR has no checkpoint.
+      init_from=""))
 
-  # Devices: (data, fsdp, tensor); -1 takes all remaining devices.
-  config.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+  # Devices: (data, fsdp, tensor); -1 takes all remaining devices. Parameters are placed by their
+  # logical axis names through `rules` (logical name, mesh axis or None), in order; every leaf of at
+  # least `min_shard_size` elements is split over fsdp (tdm_jax/sharding.py).
+  config.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=sharding.DEFAULT_RULES,
+                                               min_shard_size=sharding.DEFAULT_MIN_SIZE))
 
   # Prompts to distil on (Diffusers pipelines): a .txt file, one per line, or .jsonl with "prompt".
   config.data = ml_collections.ConfigDict(dict(prompt_file=""))
@@ -69,12 +77,18 @@ def diffusers_config(**model) -> ml_collections.ConfigDict:
         dtype="bfloat16",  # compute dtype of the UNet
         teacher_dtype="bfloat16",  # the frozen teacher's stored dtype (student and fake score: float32)
         attention="auto",  # cuDNN flash attention on GPUs, blocked attention on CPU, plain for short sequences
-        remat=True))
+        remat=True,
+        # LoRA: student and fake score are adapters over the one frozen teacher (lora_rank 0: full
+        # float32 copies of the UNet, for small models). Targets are regexes over parameter paths.
+        lora_rank=0, lora_alpha=0.0,  # alpha 0: alpha = rank (scale 1)
+        lora_targets=lora.DEFAULT_TARGETS))
     config.model.update(model)
     config.teacher = ml_collections.ConfigDict(dict(
         pipeline="",  # a Diffusers folder (model_index.json, unet/, text_encoder*/, vae/, ...)
         converted="",  # a converted checkpoint folder to reuse (default: WORKDIR/converted)
         variant="",  # e.g. "fp16" for diffusion_pytorch_model.fp16.safetensors
         allow_pickle=False))  # load pickled .bin weights (only from sources you trust)
+  # Empty teacher.pipeline with model.reference set: random weights made on the mesh from the
+  # published configs (no weights needed), for benchmarks and dry runs.
   config.lock()
   return config

@@ -1,27 +1,39 @@
 """A Diffusers text-to-image pipeline (SD 1.5 / 2.x, SDXL) as a TDM `Task`.
 
 The teacher comes from `teacher.pipeline` (a Diffusers folder), converted once into
-`WORKDIR/converted` (or `teacher.converted`) and restored from there afterwards. Prompts come
-from `data.prompt_file`; each iteration's batch is encoded by the pipeline's own text encoders.
+`WORKDIR/converted` (or `teacher.converted`) and restored from there afterwards, each tree
+straight into its shards on the mesh. Without a folder, `model.reference` (published configs,
+no weights) gives random weights made on the mesh: shape-only runs for benchmarks and dry runs.
+
+Prompts come from `data.prompt_file`; each process tokenizes only its rows of an iteration's
+batch on the host, and the text encoders run on device inside the compiled step. With
+`model.lora_rank > 0` the student and the fake score are LoRA adapters over the one frozen
+teacher (the paper's SDXL recipe); with 0 they are float32 copies.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple, Optional
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from tdm_jax import data, pipeline
+from tdm_jax import data, lora, pipeline, rng, sharding
 from tdm_jax.convert import folders
+from tdm_jax.convert import lora as lora_io
 from tdm_jax.convert import pipeline as pipeline_io
 from tdm_jax.models.clip import ClipConfig, CLIPTextEncoder
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from tdm_jax.schedules import from_diffusers_config
-from tdm_jax.train import Task
+from tdm_jax.train import Task, sampling_params
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
 
 def converted_dir(config, workdir: str) -> str:
@@ -42,6 +54,35 @@ def ensure_converted(config, workdir: str) -> str:
   return out
 
 
+def reference_folder(config) -> str:
+  """`model.reference` as a folder: as given, or relative to the repository (configs/diffusers/...)."""
+  path = config.model.reference
+  for candidate in (path, os.path.join(REPO_ROOT, path)):
+    if path and os.path.isfile(os.path.join(candidate, folders.MODEL_INDEX)):
+      return candidate
+  raise folders.FolderError(f"model.reference={path!r} is not a folder of published configs with "
+                            f"{folders.MODEL_INDEX} (e.g. configs/diffusers/sdxl-base-1.0)")
+
+
+def is_shape_only(config, workdir: str) -> bool:
+  """No weights: no Diffusers folder and nothing converted before, only published configs."""
+  return (not config.teacher.pipeline and not pipeline_io.is_converted(converted_dir(config, workdir))
+          and bool(config.model.reference))
+
+
+def lora_config(config) -> Optional[lora.LoraConfig]:
+  """`model.lora_*` as a LoraConfig (None for full copies), with errors that name the fix."""
+  m = config.model
+  if m.lora_rank == 0:
+    return None
+  if int(m.lora_rank) != m.lora_rank or m.lora_rank < 0:
+    raise ValueError(f"model.lora_rank={m.lora_rank!r} must be a positive integer (0: full copies, no LoRA)")
+  if m.lora_alpha < 0:
+    raise ValueError(f"model.lora_alpha={m.lora_alpha!r} must be >= 0 (0 means alpha = rank, scale 1)")
+  return lora.LoraConfig(rank=int(m.lora_rank), alpha=float(m.lora_alpha or m.lora_rank),
+                         targets=tuple(m.lora_targets))
+
+
 def unet_apply(model: UNet2DConditionModel):
   """`apply(params, x_t, t, cond)` over the UNet: cond holds encoder_hidden_states (+ SDXL's extras)."""
   if model.config.addition_embed_type == "text_time":
@@ -51,12 +92,19 @@ def unet_apply(model: UNet2DConditionModel):
   return lambda params, x_t, t, cond: model.apply({"params": params}, x_t, t, cond["encoder_hidden_states"])
 
 
+def lora_unet_apply(apply, cfg: lora.LoraConfig):
+  """`(base, adapters, x_t, t, cond)` -> the UNet with adapters on its Dense layers (no merged copy)."""
+  def run(base, adapters, x_t, t, cond):
+    with lora.adapters_applied(adapters, cfg):
+      return apply(base, x_t, t, cond)
+  return run
+
+
 def prompt_encoder(files: str, trees: dict, resolution: int) -> pipeline.PromptEncoder:
   """The pipeline's prompt path over converted trees (no second read of the weights)."""
   index = folders.read_model_index(files)
-  pairs = [("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")]
   encoders = []
-  for tok, enc in pairs:
+  for tok, enc in ENCODERS:
     if enc not in trees:
       continue
     clip_config = ClipConfig.from_dict(folders.read_config(folders.component_path(files, enc)))
@@ -74,48 +122,205 @@ def vae_scale_factor(files: str) -> int:
   return 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
-def build_task(config, workdir: str, progress: bool = True) -> Task:
+class Components(NamedTuple):
+  """What the loop needs of a pipeline folder, with the abstract (shape-only) trees and logical axes."""
+  files: str  # the folder of configs, tokenizers and scheduler
+  converted: Optional[str]  # the converted checkpoint folder; None in shape-only runs
+  unet_config: UNetConfig
+  encoder_names: tuple  # (tokenizer, text_encoder) pairs present
+  clip_configs: dict
+  abstract: dict  # component -> unboxed ShapeDtypeStruct tree
+  axes: dict  # component -> logical axis names
+
+
+def _boxed_params(model, *args):
+  return jax.eval_shape(functools.partial(model.init, jax.random.key(0)), *args)["params"]
+
+
+def components(config, workdir: str) -> Components:
+  """The pipeline's configs (converting the folder on first use) and its trees' shapes and axis names."""
+  converted = None
+  if is_shape_only(config, workdir):
+    files = reference_folder(config)
+  else:
+    converted = ensure_converted(config, workdir)
+    files = os.path.join(converted, "pipeline")
+  index = folders.read_model_index(files)
+  unet_config = UNetConfig.from_dict(folders.read_config(folders.component_path(files, "unet")))
+  size = 2 ** (len(unet_config.block_out_channels) - 1)
+  added = None
+  if unet_config.addition_embed_type == "text_time":
+    text_dim = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
+    added = {"text_embeds": jnp.zeros((1, text_dim)), "time_ids": jnp.zeros((1, 6))}
+  boxed = {"unet": _boxed_params(UNet2DConditionModel(unet_config), jnp.zeros((1, unet_config.in_channels, size, size)),
+                                 jnp.zeros((1,)), jnp.zeros((1, 1, unet_config.cross_attention_dim)), added)}
+  pairs = tuple((tok, enc) for tok, enc in ENCODERS if isinstance(index.get(enc), (list, tuple))
+                and index[enc][0] is not None)
+  clip_configs = {}
+  for _, enc in pairs:
+    clip_configs[enc] = ClipConfig.from_dict(folders.read_config(folders.component_path(files, enc)))
+    boxed[enc] = _boxed_params(CLIPTextEncoder(clip_configs[enc]), jnp.zeros((1, 1), jnp.int32))
+  if not pairs:
+    raise ValueError(f"the pipeline in {files} has no text encoder")
+  return Components(files, converted, unet_config, pairs, clip_configs,
+                    {k: flax.core.meta.unbox(v) for k, v in boxed.items()},
+                    {k: sharding.logical_axes(v) for k, v in boxed.items()})
+
+
+def _flat_shardings(c: Components, names, mesh, rules, min_size) -> dict:
+  """{(component, *path): NamedSharding} for the named components."""
+  out = {}
+  for name in names:
+    tree = sharding.tree_shardings(c.abstract[name], c.axes[name], mesh, rules, min_size)
+    out.update({(name,) + path: s for path, s in flax.traverse_util.flatten_dict(tree).items()})
+  return out
+
+
+def random_weights(abstract, shardings, key, dtype):
+  """Random parameters made directly in their shards (one jitted program, no host copy).
+
+  Kernels and embeddings ~ N(0, 1/fan_in) (embeddings 0.02^2), norm scales 1, biases 0: what
+  makes activations behave at any depth, so timing and memory of shape-only runs are real.
+  """
+  flat = flax.traverse_util.flatten_dict(abstract)
+
+  def make(key):
+    out = {}
+    for i, (path, leaf) in enumerate(sorted(flat.items())):
+      kind = path[-1]
+      if kind in ("scale",):
+        out[path] = jnp.ones(leaf.shape, dtype)
+      elif kind in ("bias",) or len(leaf.shape) < 2:
+        out[path] = jnp.zeros(leaf.shape, dtype)
+      else:
+        std = 0.02 if kind == "embedding" else float(np.prod(leaf.shape[:-1])) ** -0.5
+        out[path] = (std * jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32)).astype(dtype)
+    return flax.traverse_util.unflatten_dict(out)
+
+  return jax.jit(make, out_shardings=shardings)(key)
+
+
+def frozen_weights(config, c: Components, mesh) -> dict:
+  """UNet and text encoders in `model.teacher_dtype`, in their shards: restored from the converted
+  checkpoint (each tree read straight into its shards) or, shape-only, made at random."""
+  rules = sharding.rules_from_config(config.mesh.rules)
+  min_size = int(config.mesh.min_shard_size)
+  names = ("unet",) + tuple(enc for _, enc in c.encoder_names)
+  dtype = jnp.dtype(config.model.teacher_dtype)
+  targets = {name: sharding.tree_shardings(c.abstract[name], c.axes[name], mesh, rules, min_size) for name in names}
+  if c.converted is None:
+    logging.warning("shape-only run: no teacher.pipeline, so the UNet and text encoders get RANDOM weights from "
+                    "the configs in %s (for benchmarks and dry runs; nothing learned here is meaningful)",
+                    c.files)
+    return {name: random_weights(c.abstract[name], targets[name], rng.derive(config.seed, i, rng.Role.INIT), dtype)
+            for i, name in enumerate(names)}
+  flat = _flat_shardings(c, names, mesh, rules, min_size)
+  replicated = sharding.replicated(mesh)
+  where = lambda path, shape: flat.get(tuple(getattr(k, "key", k) for k in path), replicated)
+  trees = pipeline_io.load_converted(c.converted, where)
+  cast = jax.jit(lambda t: jax.tree.map(lambda x: x.astype(dtype), t), out_shardings=targets)
+  return cast({name: trees[name] for name in names})
+
+
+def _tokenizers(c: Components) -> list:
+  if c.converted is None:
+    return [pipeline.StandInTokenizer(cc.vocab_size, cc.bos_token_id or 0, cc.eos_token_id,
+                                      cc.max_position_embeddings) for cc in c.clip_configs.values()]
+  return [pipeline.load_tokenizer(folders.component_path(c.files, tok)) for tok, _ in c.encoder_names]
+
+
+def build_task(config, workdir: str, progress: bool = True, devices=None, materialize: bool = True) -> Task:
+  """The pipeline as a Task, its frozen weights placed on the mesh of `devices` (default: all).
+
+  materialize=False leaves the frozen weights as ShapeDtypeStructs: enough to plan, lower and
+  compile the step (benchmarks/memory.py), nothing to run.
+  """
   del progress  # conversion has no progress bar
   if config.tdm.step_choices:
     raise ValueError("tdm.step_choices (step-count conditioning) needs a UNet with a step embedding; "
                      "Diffusers UNets have none: leave tdm.step_choices empty")
-  out = ensure_converted(config, workdir)
-  files = os.path.join(out, "pipeline")
-  trees = pipeline_io.load_converted(out)
-  unet_config = UNetConfig.from_dict(folders.read_config(folders.component_path(files, "unet")))
+  lora_cfg = lora_config(config)
+  c = components(config, workdir)
+  unet_config = c.unet_config
   dtype = jnp.dtype(config.model.dtype)
   model = UNet2DConditionModel(unet_config, dtype=dtype, attention_implementation=config.model.attention,
                                remat=config.model.remat)
-  factor = vae_scale_factor(files)
+  factor = 2 ** (len(folders.read_config(folders.component_path(c.files, "vae"))["block_out_channels"]) - 1)
   resolution = config.model.resolution or unet_config.sample_size * factor
-  if resolution % (factor * 2 ** (len(unet_config.block_out_channels) - 1)):
-    raise ValueError(f"model.resolution={resolution} must be a multiple of "
-                     f"{factor * 2 ** (len(unet_config.block_out_channels) - 1)} for this pipeline")
-  encode = prompt_encoder(files, trees, resolution)
+  multiple = factor * 2 ** (len(unet_config.block_out_channels) - 1)
+  if resolution <= 0 or resolution % multiple:
+    raise ValueError(f"model.resolution={resolution} must be a positive multiple of {multiple} for this pipeline "
+                     f"(VAE factor {factor} x UNet downsampling {multiple // factor}), e.g. "
+                     f"{max(multiple, resolution // multiple * multiple)}")
+  if lora_cfg is not None:
+    lora.target_paths(c.abstract["unet"], lora_cfg)  # an unmatched target regex fails here, before any work
+  mesh = sharding.make_mesh(config.mesh.shape, devices)
+  if materialize:
+    frozen = frozen_weights(config, c, mesh)
+  else:
+    teacher_dtype = jnp.dtype(config.model.teacher_dtype)
+    frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, teacher_dtype),
+                          {name: c.abstract[name] for name in ("unet",) + tuple(e for _, e in c.encoder_names)})
   prompts = data.read_prompts(config.data.prompt_file)
+  index = folders.read_model_index(c.files)
+  force_zeros = bool(index.get("force_zeros_for_empty_prompt", False))
+  kind = "sdxl" if "text_encoder_2" in c.clip_configs else "sd"
+  tokenizers = _tokenizers(c)
+  encoders = [CLIPTextEncoder(c.clip_configs[enc], dtype=dtype) for _, enc in c.encoder_names]
+  negatives = [pipeline.token_ids(tok, [""])[0] for tok in tokenizers]
+
+  def local_batch(step: int, batch_size: int, rows):
+    chosen = data.prompt_batch(prompts, config.seed, step, batch_size)
+    mine = [chosen[int(r)] for r in rows]
+    ids = [pipeline.token_ids(tok, mine) for tok in tokenizers]
+    return {"ids": ids, "negative_ids": [np.tile(n, (len(mine), 1)) for n in negatives]}
 
   def batch(step: int, batch_size: int):
-    cond, uncond = encode(data.prompt_batch(prompts, config.seed, step, batch_size))
-    return jax.device_get(cond), jax.device_get(uncond)
+    return local_batch(step, batch_size, np.arange(batch_size))
 
-  schedule = from_diffusers_config(folders.read_config(folders.component_path(files, "scheduler")))
+  def condition(conditioner, inputs):
+    encode = lambda ids_list: pipeline.unet_condition(
+        kind, [enc.apply({"params": conditioner[name]}, ids)
+               for enc, (_, name), ids in zip(encoders, c.encoder_names, ids_list)],
+        ids_list[0].shape[0], (resolution, resolution))
+    cond = encode(inputs["ids"])
+    uncond = pipeline.unconditional(cond) if force_zeros else encode(inputs["negative_ids"])
+    return cond, uncond
+
+  schedule = from_diffusers_config(folders.read_config(folders.component_path(c.files, "scheduler")))
   latent = resolution // factor
-  teacher = jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(config.model.teacher_dtype)), trees["unet"])
-  trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trees["unet"])
-  return Task(apply=unet_apply(model), teacher_params=teacher, schedule=schedule,
-              sample_shape=(unet_config.in_channels, latent, latent), batch=batch,
-              student_init=trainable, fake_init=trainable)
+  apply = unet_apply(model)
+  full_copy = lambda teacher, key: jax.tree.map(lambda x: x.astype(jnp.float32), teacher)
+  return Task(apply=apply, teacher_params=frozen["unet"], schedule=schedule,
+              sample_shape=(unet_config.in_channels, latent, latent), batch=batch, local_batch=local_batch,
+              student_init=None if lora_cfg else full_copy, fake_init=None if lora_cfg else full_copy,
+              lora=lora_cfg, lora_apply=lora_unet_apply(apply, lora_cfg) if lora_cfg else None,
+              param_axes=c.axes["unet"], conditioner={k: v for k, v in frozen.items() if k != "unet"},
+              conditioner_axes={enc: c.axes[enc] for _, enc in c.encoder_names}, condition=condition)
 
 
 def export(config, workdir: str, student_params) -> str:
-  """The distilled student as `WORKDIR/export/unet` and a whole pipeline folder `WORKDIR/export/pipeline`."""
+  """The distilled student under WORKDIR/export: `unet/` (Diffusers UNet folder) and `pipeline/` (the whole
+  pipeline with the student's UNet); a LoRA student also as `lora/pytorch_lora_weights.safetensors`
+  (Diffusers' `load_lora_weights`) and `lora_kohya.safetensors` (ComfyUI / A1111 / kohya key format),
+  the merged folders holding the full-precision base plus its adapters."""
+  if is_shape_only(config, workdir):
+    raise ValueError("this run has random weights (no teacher.pipeline): there is no student worth exporting; "
+                     "set --config.teacher.pipeline=PATH to distil a real teacher")
   out = ensure_converted(config, workdir)
   files = os.path.join(out, "pipeline")
   unet_config = folders.read_config(folders.component_path(files, "unet"))
   dest = os.path.join(workdir, "export")
-  pipeline_io.export_unet(student_params, unet_config, os.path.join(dest, "unet"))
   trees = dict(pipeline_io.load_converted(out))
-  trees["unet"] = student_params
+  student = jax.device_get(student_params)
+  lora_cfg = lora_config(config)
+  if lora_cfg is not None:
+    lora_io.save_lora(os.path.join(dest, "lora"), student, lora_cfg, unet_config)
+    lora_io.save_kohya_lora(os.path.join(dest, "lora_kohya.safetensors"), student, lora_cfg, unet_config)
+    base = jax.tree.map(lambda x: np.asarray(x, np.float32), trees["unet"])
+    student = jax.device_get(lora.merge(base, student, lora_cfg))
+  pipeline_io.export_unet(student, unet_config, os.path.join(dest, "unet"))
+  trees["unet"] = student
   pipeline_io.export_pipeline(files, trees, os.path.join(dest, "pipeline"))
   return dest
 
@@ -130,8 +335,12 @@ def evaluate(config, workdir: str, task: Task, student_params) -> list:
   adherence and per-prompt diversity. Writes WORKDIR/eval/<sampler>.png (one image per prompt) and
   WORKDIR/eval/comparison.png (a row per sampler, real images first when there are any).
   """
-  from tdm_jax import evaluator, rng, sample  # pylint: disable=g-import-not-at-top
+  from tdm_jax import evaluator, sample  # pylint: disable=g-import-not-at-top
   from tdm_jax.models.vae import AutoencoderKL, VAEConfig  # pylint: disable=g-import-not-at-top
+  if is_shape_only(config, workdir):
+    raise ValueError("this run has random weights (no teacher.pipeline) and no VAE or tokenizer to evaluate "
+                     "with; set --config.train.evaluate_after=False for shape-only runs")
+  student_params = sampling_params(task, student_params)
   out = ensure_converted(config, workdir)
   files = os.path.join(out, "pipeline")
   trees = pipeline_io.load_converted(out)

@@ -12,8 +12,15 @@ a nested dict keyed by the same paths as the base, with the kernel leaf replaced
 
     adapters["down_blocks_1"]["attentions_0"]["transformer_blocks_0"]["attn1"]["to_q"]["kernel"]["a"]
 
-Use it as `apply(merge(base, adapters, cfg), x, t, cond)`; differentiating with respect to the
-adapters alone trains only them, and the base is one shared frozen copy.
+Two ways to run a model with adapters, the same function of (base, adapters):
+
+- `merge(base, adapters, cfg)` gives a plain tree for any apply function (export, samplers);
+- `adapters_applied(adapters, cfg)` is a context in which every targeted Flax `nn.Dense` adds
+  `(alpha / r) * (x @ a) @ b` to its output. Training uses it: no merged copy of the base is
+  ever materialised, the backward pass never forms a full-size kernel gradient, and the
+  base stays one shared frozen tree (an argument of the compiled step).
+
+Differentiating with respect to the adapters alone trains only them.
 """
 
 from __future__ import annotations
@@ -22,7 +29,10 @@ import dataclasses
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
+import contextlib
+
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,3 +168,56 @@ def merge(base_params, adapters, cfg: LoraConfig):
 def count(adapters) -> int:
   """Number of scalars in an adapter tree."""
   return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(adapters)))
+
+
+def adapters_applied(adapters, cfg: LoraConfig):
+  """A context in which Flax Dense layers with an adapter compute x W + b0 + (alpha / r) (x a) b.
+
+  Layers are matched by module path (`down_blocks_1/.../to_q` for the kernel path
+  `down_blocks_1/.../to_q/kernel`), so the adapters must come from `init_adapters` over the
+  model's own parameter tree. The low-rank path runs in the layer's compute dtype. Raises
+  ValueError after the call if an adapter matched no layer (a tree of another model).
+  """
+  by_module = {path[:-1]: ab for path, ab in adapter_items(adapters).items()}
+  used = set()
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, nn.Dense):
+      return out
+    ab = by_module.get(tuple(module.path))
+    if ab is None:
+      return out
+    used.add(tuple(module.path))
+    a, b = ab
+    x = jnp.asarray(args[0]).astype(out.dtype)
+    low = jnp.matmul(jnp.matmul(x, a.astype(out.dtype)), b.astype(out.dtype))
+    return out + jnp.asarray(cfg.scale, out.dtype) * low
+
+  @contextlib.contextmanager
+  def context():
+    with nn.intercept_methods(interceptor):
+      yield
+    unused = sorted("/".join(p) for p in by_module if p not in used)
+    if unused:
+      raise ValueError(f"{len(unused)} LoRA adapters matched no Dense layer of the model, e.g. {unused[:4]}; "
+                       f"the adapters were made for another model's parameter tree")
+
+  return context()
+
+
+def adapter_axes(base_axes, adapters):
+  """Logical axis names of an adapter tree from its base kernels' names: a (in, -), b (-, out).
+
+  `base_axes` is the base's tree of logical-name tuples (see `sharding.logical_axes`), so
+  adapters shard along the same model dimensions as the kernels they adapt.
+  """
+  flat_axes = flax.traverse_util.flatten_dict(flax.core.unfreeze(base_axes), is_leaf=lambda _, v: v is None or isinstance(v, tuple))
+  out = {}
+  for path in adapter_items(adapters):
+    names = flat_axes.get(path)
+    names = tuple(names) if names is not None and len(names) == 2 else (None, None)
+    out[path + ("a",)] = (names[0], None)
+    out[path + ("b",)] = (None, names[1])
+  return flax.traverse_util.unflatten_dict(out)

@@ -33,13 +33,42 @@ class TextEncoder:
   params: PyTree
 
   def token_ids(self, prompts: Sequence[str], max_length: Optional[int] = None) -> np.ndarray:
-    """Padded to the tokenizer's model_max_length (77 for CLIP) and truncated, as Diffusers does."""
-    length = max_length or self.tokenizer.model_max_length
-    return np.asarray(self.tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
-                                     return_tensors="np").input_ids, np.int32)
+    return token_ids(self.tokenizer, prompts, max_length)
 
   def __call__(self, input_ids) -> dict:
     return self.model.apply({"params": self.params}, jnp.asarray(input_ids, jnp.int32))
+
+
+def token_ids(tokenizer, prompts: Sequence[str], max_length: Optional[int] = None) -> np.ndarray:
+  """Padded to the tokenizer's model_max_length (77 for CLIP) and truncated, as Diffusers does."""
+  length = max_length or tokenizer.model_max_length
+  return np.asarray(tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
+                              return_tensors="np").input_ids, np.int32)
+
+
+class StandInTokenizer:
+  """Token ids without tokenizer files, for shape-only runs (random weights, no pipeline folder).
+
+  Each word becomes one id (a CRC32 of the word modulo the vocabulary), between CLIP's start and
+  end tokens and padded with the end token: deterministic ids of the right shape and range, so
+  timing and memory are real; the meaning of the prompt is not.
+  """
+
+  def __init__(self, vocab_size: int, bos_token_id: int, eos_token_id: int, model_max_length: int = 77):
+    self.vocab_size, self.bos, self.eos = vocab_size, bos_token_id, eos_token_id
+    self.model_max_length = model_max_length
+
+  def __call__(self, prompts, padding="max_length", max_length=None, truncation=True, return_tensors="np"):
+    import types  # pylint: disable=g-import-not-at-top
+    import zlib  # pylint: disable=g-import-not-at-top
+    del padding, truncation, return_tensors
+    length = max_length or self.model_max_length
+    rows = []
+    for prompt in prompts:
+      words = [zlib.crc32(w.encode("utf-8")) % self.vocab_size for w in prompt.lower().split()]
+      ids = ([self.bos] + words)[:length - 1] + [self.eos]
+      rows.append(ids + [self.eos] * (length - len(ids)))
+    return types.SimpleNamespace(input_ids=np.asarray(rows, np.int32))
 
 
 def load_tokenizer(path: str):
@@ -81,6 +110,19 @@ def sdxl_condition(encoder_outputs: Sequence[dict], time_ids) -> dict:
           "text_embeds": pooled, "time_ids": jnp.asarray(time_ids)}
 
 
+def unet_condition(kind: str, encoder_outputs: Sequence[dict], batch: int, image_size=(1024, 1024)) -> dict:
+  """The UNet's conditioning from the text encoders' outputs: SD's last hidden state, or SDXL's
+  (see `sdxl_condition`) with time ids for an uncropped `image_size` image. Pure and jittable."""
+  if kind == "sd":
+    return {"encoder_hidden_states": encoder_outputs[0]["last_hidden_state"]}
+  return sdxl_condition(encoder_outputs, sdxl_time_ids(batch, image_size, (0, 0), image_size))
+
+
+def unconditional(cond: dict) -> dict:
+  """The negative branch of pipelines with `force_zeros_for_empty_prompt`: zero embeddings, same time ids."""
+  return {k: (v if k == "time_ids" else jnp.zeros_like(v)) for k, v in cond.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptEncoder:
   """Prompts -> the UNet's conditioning pytree, for SD (one encoder) or SDXL (two)."""
@@ -90,11 +132,8 @@ class PromptEncoder:
   image_size: tuple = (1024, 1024)
 
   def _encode(self, prompts: Sequence[str]):
-    if self.kind == "sd":
-      encoder = self.encoders[0]
-      return {"encoder_hidden_states": encoder(encoder.token_ids(prompts))["last_hidden_state"]}
     outputs = [encoder(encoder.token_ids(prompts)) for encoder in self.encoders]
-    return sdxl_condition(outputs, sdxl_time_ids(len(prompts), self.image_size, (0, 0), self.image_size))
+    return unet_condition(self.kind, outputs, len(prompts), self.image_size)
 
   def __call__(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]] = None):
     """(cond, uncond): the conditioning of the prompts and of their negatives ("" by default)."""
@@ -104,7 +143,7 @@ class PromptEncoder:
       raise ValueError("no prompts to encode")
     cond = self._encode(prompts)
     if negative_prompts is None and self.force_zeros_for_empty_prompt:
-      uncond = {k: (v if k == "time_ids" else jnp.zeros_like(v)) for k, v in cond.items()}
+      uncond = unconditional(cond)
     else:
       if negative_prompts is None:
         negative_prompts = ""

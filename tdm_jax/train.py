@@ -3,6 +3,12 @@
 `distill(task, config, workdir)` is the whole of it. A `Task` is what TDM needs of any
 teacher (its apply function, weights, schedule, sample shape and conditioning batches), so
 the same loop serves the vector example, the shapes pipeline and SDXL.
+
+Every tree is placed on the mesh by its logical axis names and `mesh.rules`
+(`tdm_jax/sharding.py`): the frozen teacher (also the LoRA base) and the frozen conditioner
+(text encoders) are arguments of the compiled step, never constants baked into it, and
+the state (student, fake score, their optimiser states) is donated to it. One function,
+`plan`, computes every sharding, so init, restore and the step never disagree.
 """
 
 from __future__ import annotations
@@ -10,15 +16,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Callable, Optional
+import time
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import tqdm
 from absl import logging
 
-from tdm_jax import rng, sharding, tdm
-from tdm_jax.checkpoint import Checkpointer
+from tdm_jax import lora, rng, sharding, tdm
+from tdm_jax.checkpoint import Checkpointer, CheckpointError
 from tdm_jax.metrics import MetricsWriter
 from tdm_jax.optim import make_optimizers
 from tdm_jax.schedules import Schedule
@@ -31,23 +40,59 @@ class Task:
   """What TDM needs of a teacher.
 
   apply: `apply(params, x_t, t, cond, **extra) -> model output` (the schedule's parameterisation).
-  batch: `batch(step, batch_size) -> (cond, uncond)`, host pytrees with a leading batch axis; a
-    pure function of the step so that a resumed run sees the same batches.
+  batch: `batch(step, batch_size) -> inputs`, host pytrees with a leading batch axis; a pure
+    function of the step so that a resumed run sees the same batches. Without `condition`,
+    inputs is the pair (cond, uncond) itself.
+  local_batch: `local_batch(step, batch_size, rows) -> inputs` of only the global rows `rows`
+    (this process's share); when absent, `batch` is computed whole and sliced.
+  condition: `condition(conditioner, inputs) -> (cond, uncond)`, run on device inside the
+    compiled step (e.g. token ids -> text-encoder states); `conditioner` is its frozen weights.
   student_apply / fake_apply: only when they differ from the teacher's (e.g. step-conditioned).
+  student_init / fake_init: `init(teacher_params, key) -> params`; default: copies of the teacher.
+  lora: when set, student and fake score are LoRA adapters over `teacher_params` (the one frozen
+    base); `lora_apply(base, adapters, x_t, t, cond, **extra)` runs the adapted model (default:
+    `apply(lora.merge(base, adapters))`).
+  param_axes / conditioner_axes: trees of logical axis names (tuples) of the teacher's and the
+    conditioner's parameters, for the sharding rules; None leaves only the fsdp size guard.
   """
   apply: Callable
   teacher_params: PyTree
   schedule: Schedule
   sample_shape: tuple
-  batch: Callable[[int, int], tuple]
+  batch: Callable[[int, int], Any]
   student_apply: Optional[Callable] = None
   fake_apply: Optional[Callable] = None
-  student_init: Optional[PyTree] = None  # default: the teacher's parameters
-  fake_init: Optional[PyTree] = None
+  student_init: Optional[Callable] = None
+  fake_init: Optional[Callable] = None
+  lora: Optional[lora.LoraConfig] = None
+  lora_apply: Optional[Callable] = None
+  param_axes: Optional[PyTree] = None
+  conditioner: Optional[PyTree] = None
+  conditioner_axes: Optional[PyTree] = None
+  condition: Optional[Callable] = None
+  local_batch: Optional[Callable] = None
 
   @property
   def networks(self) -> tdm.Networks:
     return tdm.Networks(self.apply, self.student_apply, self.fake_apply).resolved()
+
+  def networks_over(self, teacher_params) -> tdm.Networks:
+    """The three applies, with LoRA's student and fake score bound to the (traced) base."""
+    if self.lora is None:
+      return self.networks
+    run = self.lora_apply or (lambda base, adapters, *args, **kw: self.apply(lora.merge(base, adapters, self.lora),
+                                                                             *args, **kw))
+    adapted = lambda adapters, *args, **kw: run(teacher_params, adapters, *args, **kw)
+    return tdm.Networks(self.apply, adapted, adapted)
+
+  def conditioning(self, conditioner, inputs):
+    return self.condition(conditioner, inputs) if self.condition is not None else inputs
+
+  def inputs(self, step: int, batch_size: int, rows: np.ndarray):
+    """The host inputs of `rows` of iteration `step`'s global batch."""
+    if self.local_batch is not None:
+      return self.local_batch(step, batch_size, rows)
+    return jax.tree.map(lambda x: np.asarray(x)[rows], self.batch(step, batch_size))
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -70,16 +115,18 @@ def _check_finite(step: int, scalars: dict, checkpointer: Checkpointer) -> None:
       f"learning rates (optim.*_lr), check the teacher's outputs, or enable gradient clipping")
 
 
-def make_train_step(task: Task, config, student_tx, fake_tx, student_lr, fake_lr):
-  """The pure function that one jit compiles: state, teacher, batch -> state, metrics."""
+def make_train_step(task: Task, config):
+  """The pure function that one jit compiles: (state, teacher, conditioner, inputs) -> (state, metrics)."""
+  student_tx, fake_tx, student_lr, fake_lr = make_optimizers(config.optim, config.train.num_iterations)
   cfg = tdm.TDMConfig.from_config(config.tdm)
-  iterate = functools.partial(tdm.tdm_iteration, nets=task.networks, schedule=task.schedule, cfg=cfg,
-                              student_tx=student_tx, fake_tx=fake_tx, sample_shape=tuple(task.sample_shape),
+  iterate = functools.partial(tdm.tdm_iteration, schedule=task.schedule, cfg=cfg, student_tx=student_tx,
+                              fake_tx=fake_tx, sample_shape=tuple(task.sample_shape),
                               ema_decay=float(config.train.ema_decay))
 
-  def train_step(state, teacher_params, cond, uncond):
+  def train_step(state, teacher_params, conditioner, inputs):
     key = rng.iteration_key(config.seed, state.step)
-    new_state, metrics = iterate(state, teacher_params, cond, uncond, key)
+    cond, uncond = task.conditioning(conditioner, inputs)
+    new_state, metrics = iterate(state, teacher_params, cond, uncond, key, nets=task.networks_over(teacher_params))
     metrics["student_lr"] = student_lr(state.step)
     metrics["fake_lr"] = fake_lr(state.step)
     return new_state, metrics
@@ -87,84 +134,202 @@ def make_train_step(task: Task, config, student_tx, fake_tx, student_lr, fake_lr
   return train_step
 
 
-def init_state(task: Task, student_tx, fake_tx, use_ema: bool) -> tdm.TDMState:
-  student = task.student_init if task.student_init is not None else task.teacher_params
-  fake = task.fake_init if task.fake_init is not None else task.teacher_params
+def init_state(task: Task, student_tx, fake_tx, use_ema: bool, teacher_params, key) -> tdm.TDMState:
+  """Student and fake score from the teacher (copies, or zero-effect LoRA adapters), fresh optimisers."""
+  student_key, fake_key = jax.random.split(key)
+  if task.lora is not None:
+    default = lambda teacher, k: lora.init_adapters(k, teacher, task.lora)
+  else:
+    default = lambda teacher, k: teacher
+  student = (task.student_init or default)(teacher_params, student_key)
+  fake = (task.fake_init or default)(teacher_params, fake_key)
   return tdm.init_state(student, fake, student_tx, fake_tx, use_ema=use_ema)
 
 
-def distill(task: Task, config, workdir: str, *, progress: Optional[bool] = None) -> tdm.TDMState:
+def state_init(task: Task, config) -> Callable:
+  """`init(teacher_params, key) -> TDMState` of a run's config (its optimisers and EMA setting)."""
+  student_tx, fake_tx, _, _ = make_optimizers(config.optim, config.train.num_iterations)
+  return functools.partial(init_state, task, student_tx, fake_tx, config.train.ema_decay > 0)
+
+
+class Plan(NamedTuple):
+  """Where everything of a run lives on the mesh."""
+  mesh: Any
+  teacher: PyTree  # shardings of the frozen teacher / LoRA base
+  conditioner: PyTree
+  state: PyTree  # shardings of the TDMState
+  abstract_state: PyTree  # ShapeDtypeStructs carrying `state`
+  batch: Any
+
+
+def _trainable_axes(task: Task, abstract_trainable):
+  if task.param_axes is None:
+    return None
+  if task.lora is not None:
+    return lora.adapter_axes(task.param_axes, abstract_trainable)
+  same = jax.tree.structure(abstract_trainable) == jax.tree.structure(task.teacher_params)
+  return task.param_axes if same else None
+
+
+def plan(task: Task, config, mesh) -> Plan:
+  """Shardings of teacher, conditioner and state from logical names and `mesh.rules` (no data moved)."""
+  student_tx, fake_tx, _, _ = make_optimizers(config.optim, config.train.num_iterations)
+  rules = sharding.rules_from_config(config.mesh.rules)
+  min_size = int(config.mesh.min_shard_size)
+  shard = lambda tree, axes: sharding.tree_shardings(tree, axes, mesh, rules, min_size)
+  teacher_abstract = jax.eval_shape(lambda t: t, task.teacher_params)
+  teacher = shard(teacher_abstract, task.param_axes)
+  conditioner = shard(jax.eval_shape(lambda c: c, task.conditioner), task.conditioner_axes)
+  abstract = jax.eval_shape(state_init(task, config), teacher_abstract, jax.random.key(0))
+  student = shard(abstract.student_params, _trainable_axes(task, abstract.student_params))
+  fake = shard(abstract.fake_params, _trainable_axes(task, abstract.fake_params))
+  replicated = sharding.replicated(mesh)
+  opt = lambda tx, opt_state, params: optax.tree_map_params(tx, lambda _, s: s, opt_state, params,
+                                                            transform_non_params=lambda _: replicated)
+  state = tdm.TDMState(step=replicated, student_params=student, fake_params=fake,
+                       student_opt_state=opt(student_tx, abstract.student_opt_state, student),
+                       fake_opt_state=opt(fake_tx, abstract.fake_opt_state, fake),
+                       ema_params=student if abstract.ema_params is not None else None)
+  return Plan(mesh, teacher, conditioner, state, sharding.with_shardings(abstract, state),
+              sharding.batch_sharding(mesh))
+
+
+def initial_state(task: Task, config, p: Plan, teacher_params) -> tdm.TDMState:
+  """A fresh state made in its shards, or with `train.init_from` the student of that run's latest
+  checkpoint and a fresh fake score and optimisers (a new stage of the recipe)."""
+  key = rng.derive(config.seed, 0, rng.Role.INIT)
+  state = jax.jit(state_init(task, config), out_shardings=p.state)(teacher_params, key)
+  source = config.train.init_from
+  if not source:
+    return state
+  previous = Checkpointer(os.path.join(source, "checkpoints"))
+  try:
+    step = previous.latest_step
+    if step is None:
+      raise FileNotFoundError(f"train.init_from={source} holds no checkpoint (no {previous.directory}/<step>); "
+                              f"point it at the workdir of a finished earlier stage, or leave it empty")
+    rules = sharding.rules_from_config(config.mesh.rules)
+    where = lambda path, shape: sharding.NamedSharding(p.mesh, sharding.spec_for(shape, None, p.mesh, rules))
+    stored = previous.restore(step, previous.stored_structure(step, where))
+  finally:
+    previous.close()
+  student = stored.get("ema_params") or stored["student_params"]
+  expected = jax.tree.map(lambda a: (a.shape, a.dtype), p.abstract_state.student_params)
+  got = jax.tree.map(lambda a: (a.shape, a.dtype), student)
+  if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
+    raise CheckpointError(f"train.init_from={source}: the student of step {step} does not fit this run's student "
+                          f"(different model, LoRA rank or targets); use the same model.lora_* settings as "
+                          f"that run")
+  student = jax.device_put(student, p.state.student_params)
+  logging.warning("student initialised from %s (step %d); fake score and optimisers start afresh", source, step)
+  ema = student if state.ema_params is not None else None
+  return state._replace(student_params=student, ema_params=ema)
+
+
+def distill(task: Task, config, workdir: str, *, progress: Optional[bool] = None, devices=None) -> tdm.TDMState:
   """Runs (or resumes) TDM distillation of `task` to `config.train.num_iterations`.
 
   Checkpoints go to `workdir/checkpoints` every `train.checkpoint_every` iterations and at the
-  end; metrics to `workdir/metrics.jsonl` and `workdir/tensorboard`. Returns the final state.
+  end; metrics to `workdir/metrics.jsonl` and `workdir/tensorboard`. `devices` (default: all)
+  are the devices the mesh is made of. Returns the final state.
   """
   tc = config.train
   tdm.TDMConfig.from_config(config.tdm)  # validate before any work
-  mesh = sharding.make_mesh(config.mesh.shape)
+  mesh = sharding.make_mesh(config.mesh.shape, devices)
   multiple = sharding.batch_size_multiple(mesh)
   if tc.batch_size % multiple:
     raise ValueError(f"train.batch_size={tc.batch_size} must be a multiple of the {multiple} batch shards "
                      f"of mesh.shape={tuple(config.mesh.shape)}")
-  student_tx, fake_tx, student_lr, fake_lr = make_optimizers(config.optim, tc.num_iterations)
+  make_optimizers(config.optim, tc.num_iterations)  # validate before any work
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  use_ema = tc.ema_decay > 0
-  replicated = sharding.replicated(mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tc.checkpoint_every,
                               keep=tc.keep_checkpoints)
   writer = MetricsWriter(workdir, tensorboard=tc.tensorboard)
-  with jax.set_mesh(mesh):
-    teacher_params = sharding.replicate(task.teacher_params, mesh)
-    init = functools.partial(init_state, task, student_tx, fake_tx, use_ema)
-    abstract = jax.eval_shape(init)
-    state_sharding = jax.tree.map(lambda _: replicated, abstract)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                            state_sharding)
-    start, restored = checkpointer.restore_latest(abstract)
-    if restored is None:
-      state = jax.jit(init, out_shardings=state_sharding)()
-      start = 0
-    else:
-      state = restored
-      logging.info("resuming from iteration %d", start)
-    writer.truncate_after(start)
+  show = tc.progress if progress is None else progress
+  try:
+    with jax.set_mesh(mesh):
+      p = plan(task, config, mesh)
+      teacher_params = jax.device_put(task.teacher_params, p.teacher)
+      conditioner = jax.device_put(task.conditioner, p.conditioner)
+      start, state = checkpointer.restore_latest(p.abstract_state)
+      if state is None:
+        state, start = initial_state(task, config, p, teacher_params), 0
+      else:
+        logging.info("resuming from iteration %d", start)
+      writer.truncate_after(start)
+      if start >= tc.num_iterations:
+        return state
 
-    step_fn = jax.jit(make_train_step(task, config, student_tx, fake_tx, student_lr, fake_lr),
-                      in_shardings=(state_sharding, replicated, batch_sharding, batch_sharding),
-                      out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-    show = tc.progress if progress is None else progress
-    bar = tqdm.tqdm(total=tc.num_iterations, initial=start, desc="tdm", unit="it", dynamic_ncols=True,
-                    disable=not show or jax.process_index() != 0)
-    try:
-      for step in range(start, tc.num_iterations):
-        cond, uncond = task.batch(step, tc.batch_size)
-        state, metrics = step_fn(state, teacher_params, sharding.shard_batch(cond, mesh),
-                                 sharding.shard_batch(uncond, mesh))
-        scalars = _host_scalars(metrics)
-        _check_finite(step + 1, scalars, checkpointer)
-        done = step + 1
-        if done % tc.log_every == 0 or done == tc.num_iterations:
-          writer.write(done, scalars)
-        bar.set_postfix(fake=f"{scalars['fake_loss']:.4g}", gen=f"{scalars['generator_loss']:.4g}", refresh=False)
-        bar.update(1)
-        if checkpointer.should_save(done) or done == tc.num_iterations:
-          checkpointer.save(done, state)
-    finally:
-      bar.close()
-      writer.close()
-      checkpointer.close()
+      rows = sharding.process_rows(mesh, tc.batch_size)
+      inputs_at = lambda step: sharding.global_batch(task.inputs(step, tc.batch_size, rows), mesh, tc.batch_size,
+                                                     rows)
+      first = inputs_at(start)
+      compiled, _ = compile_step(make_train_step(task, config), p, state, teacher_params, conditioner, first)
+      bar = tqdm.tqdm(total=tc.num_iterations, initial=start, desc="tdm", unit="it", dynamic_ncols=True,
+                      disable=not show or jax.process_index() != 0)
+      try:
+        for step in range(start, tc.num_iterations):
+          inputs = first if step == start else inputs_at(step)
+          state, metrics = compiled(state, teacher_params, conditioner, inputs)
+          scalars = _host_scalars(metrics)
+          _check_finite(step + 1, scalars, checkpointer)
+          done = step + 1
+          if done % tc.log_every == 0 or done == tc.num_iterations:
+            writer.write(done, scalars)
+          bar.set_postfix(fake=f"{scalars['fake_loss']:.4g}", gen=f"{scalars['generator_loss']:.4g}", refresh=False)
+          bar.update(1)
+          if checkpointer.should_save(done) or done == tc.num_iterations:
+            checkpointer.save(done, state)
+      finally:
+        bar.close()
+  finally:
+    writer.close()
+    checkpointer.close()
   return state
+
+
+def compile_step(train_step, p: Plan, state, teacher_params, conditioner, inputs):
+  """The step compiled ahead of time for these arguments (arrays or sharded ShapeDtypeStructs), with
+  its shardings and the state donated; returns (compiled, {"trace_s", "compile_s"}) and logs both
+  times and XLA's memory analysis per device."""
+  step_fn = jax.jit(train_step, in_shardings=(p.state, p.teacher, p.conditioner, p.batch),
+                    out_shardings=(p.state, sharding.replicated(p.mesh)), donate_argnums=(0,))
+  began = time.perf_counter()
+  lowered = step_fn.lower(state, teacher_params, conditioner, inputs)
+  traced = time.perf_counter()
+  compiled = lowered.compile()
+  times = {"trace_s": traced - began, "compile_s": time.perf_counter() - traced}
+  logging.warning("TDM step traced in %.1f s, compiled in %.1f s", times["trace_s"], times["compile_s"])
+  log_memory(compiled, p.mesh)
+  return compiled, times
+
+
+def memory_summary(compiled) -> dict:
+  """Per-device bytes of the compiled step from XLA's memory analysis (None where unavailable)."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return {}
+  out = {name: int(getattr(stats, f"{name}_size_in_bytes")) for name in ("argument", "output", "alias", "temp")}
+  out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
+def log_memory(compiled, mesh) -> dict:
+  summary = memory_summary(compiled)
+  if summary:
+    gib = {k: round(v / 2**30, 3) for k, v in summary.items()}
+    logging.warning("compiled TDM step on mesh %s, GiB per device: %s", dict(mesh.shape), gib)
+  return summary
 
 
 def restore_state(task: Task, config, workdir: str, step: Optional[int] = None) -> tdm.TDMState:
   """The saved TDM state of a run (its latest checkpoint unless `step` is given), on the host."""
-  student_tx, fake_tx, _, _ = make_optimizers(config.optim, config.train.num_iterations)
-  abstract = jax.eval_shape(functools.partial(init_state, task, student_tx, fake_tx, config.train.ema_decay > 0))
+  abstract = jax.eval_shape(state_init(task, config), jax.eval_shape(lambda t: t, task.teacher_params),
+                            jax.random.key(0))
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
     step = checkpointer.latest_step if step is None else step
@@ -179,3 +344,10 @@ def restore_state(task: Task, config, workdir: str, step: Optional[int] = None) 
 def student_params(state: tdm.TDMState):
   """The parameters to sample with: the EMA when the run keeps one."""
   return state.ema_params if state.ema_params is not None else state.student_params
+
+
+def sampling_params(task: Task, params):
+  """A tree the teacher's apply samples with: the student itself, or the base merged with its adapters."""
+  if task.lora is None:
+    return params
+  return lora.merge(task.teacher_params, params, task.lora)

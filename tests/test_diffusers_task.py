@@ -72,10 +72,11 @@ def test_exported_student_loads_in_diffusers_and_matches(distilled):
   export = tdm_main.run(config, workdir, "export")
   unet = UNet2DConditionModel.from_pretrained(os.path.join(export, "unet")).eval()
   task = tdm_main.task_module(config).build_task(config, workdir)
-  cond, _ = task.batch(0, 2)
+  cond, _ = task.conditioning(task.conditioner, task.batch(0, 2))  # token ids -> encoder states
   x = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
   t = np.array([999, 300])
-  ours = np.asarray(task.apply(train.student_params(state), jnp.asarray(x), jnp.asarray(t), cond))
+  student = train.sampling_params(task, train.student_params(state))  # the base merged with its adapters
+  ours = np.asarray(task.apply(student, jnp.asarray(x), jnp.asarray(t), cond))
   with torch.no_grad():
     theirs = unet(torch.from_numpy(x), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(
         np.asarray(cond["encoder_hidden_states"])), added_cond_kwargs={

@@ -112,8 +112,11 @@ def _vae(seed):
   return vae
 
 
-def make_tiny_sdxl_pipeline(folder, seed=0) -> diffusers.StableDiffusionXLPipeline:
-  """A complete tiny random SDXL pipeline saved to `folder` (safetensors) and read back from it."""
+def make_tiny_sdxl_pipeline(folder, seed=0, transformer_depth=(1, 2)) -> diffusers.StableDiffusionXLPipeline:
+  """A complete tiny random SDXL pipeline saved to `folder` (safetensors) and read back from it.
+
+  `transformer_depth`: transformer blocks per down block (SDXL's varies per block; (1, 1) compiles faster).
+  """
   folder = os.fspath(folder)
   text_encoder = _text_encoder(transformers.CLIPTextModel, 32, EOS, seed + 1)  # ViT-L-like: quick_gelu
   text_encoder_2 = _text_encoder(transformers.CLIPTextModelWithProjection, 64, "!", seed + 2,
@@ -123,7 +126,7 @@ def make_tiny_sdxl_pipeline(folder, seed=0) -> diffusers.StableDiffusionXLPipeli
       sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
       attention_head_dim=(2, 4), cross_attention_dim=32 + 64, norm_num_groups=8, use_linear_projection=True,
-      transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
+      transformer_layers_per_block=tuple(transformer_depth), addition_embed_type="text_time", addition_time_embed_dim=8,
       projection_class_embeddings_input_dim=32 + 6 * 8).eval()
   _randomise(unet)
   pipe = diffusers.StableDiffusionXLPipeline(

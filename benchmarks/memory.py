@@ -1,0 +1,90 @@
+"""Compiled memory of the TDM step at SDXL's real size, without weights, on fake CPU devices.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/memory.py \
+      --devices=8 --mesh=1,8,1 --resolution=512 --batch_size=64 [--lora_rank=64] [--config=configs/sdxl.py]
+
+Builds the shape-only task of the config (published configs in `configs/diffusers`, frozen
+weights as ShapeDtypeStructs: nothing is allocated), plans the shardings as a real run does,
+lowers and compiles the step, and prints one row per device: bytes of frozen weights (UNet base
+and text encoders), of trainable parameters and of optimiser state held on one device, XLA's
+temporaries, its total (arguments + outputs - donated aliases + temporaries), and the trace and
+compile times. `--lora_rank=0` compiles full float32 copies of student and fake score.
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from tdm_jax import diffusers_task, sharding, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/sdxl.py", "The run's config.")
+_DEVICES = flags.DEFINE_integer("devices", 0, "Devices in the mesh (0: all).")
+_MESH = flags.DEFINE_string("mesh", "", "data,fsdp,tensor sizes (default: the config's mesh.shape).")
+_RESOLUTION = flags.DEFINE_integer("resolution", 0, "Pixels (0: the config's).")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch (0: the config's).")
+_RANK = flags.DEFINE_integer("lora_rank", -1, "LoRA rank; 0: full copies (-1: the config's).")
+_JSON = flags.DEFINE_string("json", "", "Also append the row as one JSON line to this file.")
+
+GIB = 2 ** 30
+
+
+def main(_):
+  config = _CONFIG.value
+  if _MESH.value:
+    config.mesh.shape = tuple(int(v) for v in _MESH.value.split(","))
+  if _RESOLUTION.value:
+    config.model.resolution = _RESOLUTION.value
+  if _BATCH.value:
+    config.train.batch_size = _BATCH.value
+  if _RANK.value >= 0:
+    config.model.lora_rank = _RANK.value
+    config.model.lora_alpha = float(_RANK.value)
+  config.teacher.pipeline = ""  # shape-only: the published configs, no weights
+  devices = jax.devices()[:_DEVICES.value] if _DEVICES.value else jax.devices()
+  workdir = tempfile.mkdtemp()
+  if not config.data.prompt_file:
+    config.data.prompt_file = os.path.join(workdir, "prompts.txt")
+    with open(config.data.prompt_file, "w") as f:
+      f.write("a photograph of an astronaut riding a horse\n")
+  began = time.perf_counter()
+  task = diffusers_task.build_task(config, workdir, devices=devices, materialize=False)
+  mesh = sharding.make_mesh(config.mesh.shape, devices)
+  with jax.set_mesh(mesh):
+    p = train.plan(task, config, mesh)
+    rows = sharding.process_rows(mesh, config.train.batch_size)
+    inputs = sharding.global_batch(task.inputs(0, config.train.batch_size, rows), mesh, config.train.batch_size, rows)
+    setup_s = time.perf_counter() - began
+    teacher = sharding.with_shardings(task.teacher_params, p.teacher)
+    conditioner = sharding.with_shardings(task.conditioner, p.conditioner)
+    compiled, times = train.compile_step(train.make_train_step(task, config), p, p.abstract_state, teacher,
+                                         conditioner, inputs)
+  memory = train.memory_summary(compiled)
+  state = p.abstract_state
+  trainable = sharding.shard_bytes((state.student_params, state.fake_params, state.ema_params))
+  optimizer = sharding.shard_bytes((state.student_opt_state, state.fake_opt_state))
+  row = {
+      "mode": f"LoRA r{config.model.lora_rank}" if config.model.lora_rank else "full copies",
+      "devices": len(devices), "mesh": dict(mesh.shape), "resolution": config.model.resolution,
+      "global_batch": config.train.batch_size, "attention": config.model.attention, "remat": config.model.remat,
+      "frozen_gib": sharding.shard_bytes((teacher, conditioner)) / GIB, "trainable_gib": trainable / GIB,
+      "optimizer_gib": optimizer / GIB, "temp_gib": memory.get("temp", np.nan) / GIB,
+      "total_gib": memory.get("total", np.nan) / GIB, "setup_s": setup_s, **times,
+  }
+  print(" | ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+  if _JSON.value:
+    with open(_JSON.value, "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
