@@ -34,6 +34,8 @@ from tdm_jax.train import Task, sampling_params
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+DRY_RUN_PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolour of a lighthouse at dusk",
+                   "a red bicycle leaning on a brick wall", "a bowl of ramen, studio lighting")
 
 
 def converted_dir(config, workdir: str) -> str:
@@ -83,8 +85,8 @@ def lora_config(config) -> Optional[lora.LoraConfig]:
                          targets=tuple(m.lora_targets))
 
 
-def unet_apply(model: UNet2DConditionModel):
-  """`apply(params, x_t, t, cond)` over the UNet: cond holds encoder_hidden_states (+ SDXL's extras)."""
+def unet_forward(model: UNet2DConditionModel):
+  """`forward(params, x_t, t, cond)` over the UNet: cond holds encoder_hidden_states (+ SDXL's extras)."""
   if model.config.addition_embed_type == "text_time":
     return lambda params, x_t, t, cond: model.apply(
         {"params": params}, x_t, t, cond["encoder_hidden_states"],
@@ -92,12 +94,39 @@ def unet_apply(model: UNet2DConditionModel):
   return lambda params, x_t, t, cond: model.apply({"params": params}, x_t, t, cond["encoder_hidden_states"])
 
 
-def lora_unet_apply(apply, cfg: lora.LoraConfig):
+def own_computation(fn, x_t, t, *args):
+  """`fn(x_t, t, *args)` as one branch of a `lax.cond` on valid timesteps (t >= 0; invalid ones give
+  NaN, which the loop's NaN check reports).
+
+  The branch is an XLA computation of its own. XLA:CPU orders the operations of each computation
+  with an O(n^2) dependency analysis, so the TDM step's UNet passes and their backward passes (the
+  cond keeps those apart too) compiled as one flat program take over 25 minutes at SDXL size; kept
+  apart, minutes. Elsewhere it costs one scalar comparison. A fresh closure per call keeps JAX from
+  reusing a branch traced under other Flax interceptors (LoRA).
+  """
+  t = jnp.broadcast_to(jnp.asarray(t), (x_t.shape[0],))
+  branch = lambda x_t, t, *args: fn(x_t, t, *args)
+  out = jax.eval_shape(branch, x_t, t, *args)
+  invalid = lambda *_: jnp.full(out.shape, jnp.nan, out.dtype)
+  return jax.lax.cond(jnp.all(t >= 0), branch, invalid, x_t, t, *args)
+
+
+def unet_apply(model: UNet2DConditionModel):
+  """`apply(params, x_t, t, cond)`: the UNet in a computation of its own (see `own_computation`)."""
+  forward = unet_forward(model)
+  return lambda params, x_t, t, cond: own_computation(
+      lambda x_t, t, params, cond: forward(params, x_t, t, cond), x_t, t, params, cond)
+
+
+def lora_unet_apply(model: UNet2DConditionModel, cfg: lora.LoraConfig):
   """`(base, adapters, x_t, t, cond)` -> the UNet with adapters on its Dense layers (no merged copy)."""
-  def run(base, adapters, x_t, t, cond):
+  forward = unet_forward(model)
+
+  def adapted(x_t, t, base, adapters, cond):
     with lora.adapters_applied(adapters, cfg):
-      return apply(base, x_t, t, cond)
-  return run
+      return forward(base, x_t, t, cond)
+
+  return lambda base, adapters, x_t, t, cond: own_computation(adapted, x_t, t, base, adapters, cond)
 
 
 def prompt_encoder(files: str, trees: dict, resolution: int) -> pipeline.PromptEncoder:
@@ -188,9 +217,9 @@ def random_weights(abstract, shardings, key, dtype):
     out = {}
     for i, (path, leaf) in enumerate(sorted(flat.items())):
       kind = path[-1]
-      if kind in ("scale",):
+      if kind == "scale":
         out[path] = jnp.ones(leaf.shape, dtype)
-      elif kind in ("bias",) or len(leaf.shape) < 2:
+      elif kind == "bias" or len(leaf.shape) < 2:
         out[path] = jnp.zeros(leaf.shape, dtype)
       else:
         std = 0.02 if kind == "embedding" else float(np.prod(leaf.shape[:-1])) ** -0.5
@@ -261,7 +290,10 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
     teacher_dtype = jnp.dtype(config.model.teacher_dtype)
     frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, teacher_dtype),
                           {name: c.abstract[name] for name in ("unet",) + tuple(e for _, e in c.encoder_names)})
-  prompts = data.read_prompts(config.data.prompt_file)
+  if c.converted is None and not config.data.prompt_file:
+    prompts = list(DRY_RUN_PROMPTS)  # a shape-only run needs no prompt file either
+  else:
+    prompts = data.read_prompts(config.data.prompt_file)
   index = folders.read_model_index(c.files)
   force_zeros = bool(index.get("force_zeros_for_empty_prompt", False))
   kind = "sdxl" if "text_encoder_2" in c.clip_configs else "sd"
@@ -294,7 +326,7 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
   return Task(apply=apply, teacher_params=frozen["unet"], schedule=schedule,
               sample_shape=(unet_config.in_channels, latent, latent), batch=batch, local_batch=local_batch,
               student_init=None if lora_cfg else full_copy, fake_init=None if lora_cfg else full_copy,
-              lora=lora_cfg, lora_apply=lora_unet_apply(apply, lora_cfg) if lora_cfg else None,
+              lora=lora_cfg, lora_apply=lora_unet_apply(model, lora_cfg) if lora_cfg else None,
               param_axes=c.axes["unet"], conditioner={k: v for k, v in frozen.items() if k != "unet"},
               conditioner_axes={enc: c.axes[enc] for _, enc in c.encoder_names}, condition=condition)
 

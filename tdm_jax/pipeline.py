@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import zlib
 from typing import Any, Optional, Sequence
 
 import jax
@@ -59,8 +61,6 @@ class StandInTokenizer:
     self.model_max_length = model_max_length
 
   def __call__(self, prompts, padding="max_length", max_length=None, truncation=True, return_tensors="np"):
-    import types  # pylint: disable=g-import-not-at-top
-    import zlib  # pylint: disable=g-import-not-at-top
     del padding, truncation, return_tensors
     length = max_length or self.model_max_length
     rows = []

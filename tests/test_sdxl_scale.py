@@ -213,3 +213,30 @@ def test_init_from_without_checkpoint_is_named(tiny, tmp_path):
 def test_bad_input_is_named(tiny, field, value, message):
   with pytest.raises(ValueError, match=message):
     _run(tiny, "bad", (1, -1, 1), **{field: value})
+
+
+def test_shape_only_pipeline_gets_random_weights_in_their_shards(tiny, tmp_path):
+  """No weights anywhere: published-style configs only (no tokenizer, no safetensors)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  root, _ = tiny
+  reference = tmp_path / "reference"
+  shutil.copytree(root / "pipeline", reference,
+                  ignore=lambda d, names: [n for n in names if n.endswith(".safetensors") or n.startswith("tokenizer")])
+  config = _config("", "", (1, -1, 1))
+  config.model.reference = str(reference)
+  workdir = str(tmp_path / "work")
+  assert diffusers_task.is_shape_only(config, workdir)
+  task = diffusers_task.build_task(config, workdir)
+  for leaf in jax.tree.leaves(task.teacher_params):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+    if leaf.size >= MIN_SHARD:
+      assert leaf.addressable_shards[0].data.size == leaf.size // 8  # made in its shards over fsdp 8
+  kernel = np.asarray(task.teacher_params["conv_in"]["kernel"])
+  assert 0.05 < kernel.std() < 0.5  # N(0, 1/fan_in), fan_in = 3 * 3 * 4
+  inputs = task.batch(0, 8)
+  assert inputs["ids"][0].shape == (8, tiny_pipeline.MAX_LENGTH)  # stand-in tokenizer ids, no prompt file
+  cond, uncond = task.conditioning(task.conditioner, inputs)
+  assert cond["encoder_hidden_states"].shape == (8, tiny_pipeline.MAX_LENGTH, 32 + 64)
+  assert np.all(np.isfinite(np.asarray(cond["text_embeds"]))) and not np.any(np.asarray(uncond["text_embeds"]))
+  with pytest.raises(ValueError, match="random weights"):
+    diffusers_task.export(config, workdir, task.teacher_params)
