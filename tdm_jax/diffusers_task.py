@@ -27,6 +27,7 @@ from tdm_jax import data, lora, pipeline, rng, sharding
 from tdm_jax.convert import folders
 from tdm_jax.convert import lora as lora_io
 from tdm_jax.convert import pipeline as pipeline_io
+from tdm_jax.convert import unet as unet_io
 from tdm_jax.models.clip import ClipConfig, CLIPTextEncoder
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from tdm_jax.schedules import from_diffusers_config
@@ -162,10 +163,6 @@ class Components(NamedTuple):
   axes: dict  # component -> logical axis names
 
 
-def _boxed_params(model, *args):
-  return jax.eval_shape(functools.partial(model.init, jax.random.key(0)), *args)["params"]
-
-
 def components(config, workdir: str) -> Components:
   """The pipeline's configs (converting the folder on first use) and its trees' shapes and axis names."""
   converted = None
@@ -176,33 +173,19 @@ def components(config, workdir: str) -> Components:
     files = os.path.join(converted, "pipeline")
   index = folders.read_model_index(files)
   unet_config = UNetConfig.from_dict(folders.read_config(folders.component_path(files, "unet")))
-  size = 2 ** (len(unet_config.block_out_channels) - 1)
-  added = None
-  if unet_config.addition_embed_type == "text_time":
-    text_dim = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
-    added = {"text_embeds": jnp.zeros((1, text_dim)), "time_ids": jnp.zeros((1, 6))}
-  boxed = {"unet": _boxed_params(UNet2DConditionModel(unet_config), jnp.zeros((1, unet_config.in_channels, size, size)),
-                                 jnp.zeros((1,)), jnp.zeros((1, 1, unet_config.cross_attention_dim)), added)}
+  boxed = {"unet": unet_io.abstract_params(unet_config)}
   pairs = tuple((tok, enc) for tok, enc in ENCODERS if isinstance(index.get(enc), (list, tuple))
                 and index[enc][0] is not None)
   clip_configs = {}
   for _, enc in pairs:
     clip_configs[enc] = ClipConfig.from_dict(folders.read_config(folders.component_path(files, enc)))
-    boxed[enc] = _boxed_params(CLIPTextEncoder(clip_configs[enc]), jnp.zeros((1, 1), jnp.int32))
+    boxed[enc] = jax.eval_shape(functools.partial(CLIPTextEncoder(clip_configs[enc]).init, jax.random.key(0)),
+                                jnp.zeros((1, 1), jnp.int32))["params"]
   if not pairs:
     raise ValueError(f"the pipeline in {files} has no text encoder")
   return Components(files, converted, unet_config, pairs, clip_configs,
                     {k: flax.core.meta.unbox(v) for k, v in boxed.items()},
                     {k: sharding.logical_axes(v) for k, v in boxed.items()})
-
-
-def _flat_shardings(c: Components, names, mesh, rules, min_size) -> dict:
-  """{(component, *path): NamedSharding} for the named components."""
-  out = {}
-  for name in names:
-    tree = sharding.tree_shardings(c.abstract[name], c.axes[name], mesh, rules, min_size)
-    out.update({(name,) + path: s for path, s in flax.traverse_util.flatten_dict(tree).items()})
-  return out
 
 
 def random_weights(abstract, shardings, key, dtype):
@@ -243,7 +226,7 @@ def frozen_weights(config, c: Components, mesh) -> dict:
                     c.files)
     return {name: random_weights(c.abstract[name], targets[name], rng.derive(config.seed, i, rng.Role.INIT), dtype)
             for i, name in enumerate(names)}
-  flat = _flat_shardings(c, names, mesh, rules, min_size)
+  flat = {(name,) + path: s for name in names for path, s in flax.traverse_util.flatten_dict(targets[name]).items()}
   replicated = sharding.replicated(mesh)
   where = lambda path, shape: flat.get(tuple(getattr(k, "key", k) for k in path), replicated)
   trees = pipeline_io.load_converted(c.converted, where)

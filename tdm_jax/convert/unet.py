@@ -30,8 +30,9 @@ def _as_config(config: Union[UNetConfig, Mapping[str, Any]]) -> UNetConfig:
   return config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)
 
 
-def expected_param_shapes(config: Union[UNetConfig, Mapping[str, Any]]) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
-  """Flattened {path: shape} of the UNet's parameters, from `jax.eval_shape` of init (no FLOPs)."""
+def abstract_params(config: Union[UNetConfig, Mapping[str, Any]]):
+  """The UNet's parameter tree as ShapeDtypeStructs in their logical-axis boxes (`jax.eval_shape` of
+  init: no FLOPs, no memory)."""
   config = _as_config(config)
   model = UNet2DConditionModel(config)
   h = w = 2 ** (len(config.block_out_channels) - 1)
@@ -41,8 +42,12 @@ def expected_param_shapes(config: Union[UNetConfig, Mapping[str, Any]]) -> Dict[
   if config.addition_embed_type == "text_time":
     text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
     added = {"text_embeds": jnp.zeros((1, text_dim)), "time_ids": jnp.zeros((1, 6))}
-  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, jnp.zeros((1,)), context, added))
-  params = flax.core.meta.unbox(variables["params"])
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, jnp.zeros((1,)), context, added))["params"]
+
+
+def expected_param_shapes(config: Union[UNetConfig, Mapping[str, Any]]) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
+  """Flattened {path: shape} of the UNet's parameters, from `jax.eval_shape` of init (no FLOPs)."""
+  params = flax.core.meta.unbox(abstract_params(config))
   return {path: tuple(leaf.shape) for path, leaf in flax.traverse_util.flatten_dict(params).items()}
 
 
