@@ -102,10 +102,13 @@ def own_computation(fn, x_t, t, *args):
   The branch is an XLA computation of its own. XLA:CPU orders the operations of each computation
   with an O(n^2) dependency analysis, so the TDM step's UNet passes and their backward passes (the
   cond keeps those apart too) compiled as one flat program take over 25 minutes at SDXL size; kept
-  apart, minutes. Elsewhere it costs one scalar comparison. A fresh closure per call keeps JAX from
-  reusing a branch traced under other Flax interceptors (LoRA).
+  apart, minutes. On accelerators (where a cond would cost a host round trip to read its predicate)
+  `fn` is called directly. A fresh closure per call keeps JAX from reusing a branch traced under
+  other Flax interceptors (LoRA).
   """
   t = jnp.broadcast_to(jnp.asarray(t), (x_t.shape[0],))
+  if jax.devices()[0].platform != "cpu":
+    return fn(x_t, t, *args)
   branch = lambda x_t, t, *args: fn(x_t, t, *args)
   out = jax.eval_shape(branch, x_t, t, *args)
   invalid = lambda *_: jnp.full(out.shape, jnp.nan, out.dtype)
