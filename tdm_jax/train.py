@@ -209,7 +209,8 @@ def initial_state(task: Task, config, p: Plan, teacher_params) -> tdm.TDMState:
       raise FileNotFoundError(f"train.init_from={source} holds no checkpoint (no {previous.directory}/<step>); "
                               f"point it at the workdir of a finished earlier stage, or leave it empty")
     rules = sharding.rules_from_config(config.mesh.rules)
-    where = lambda path, shape: sharding.NamedSharding(p.mesh, sharding.spec_for(shape, None, p.mesh, rules))
+    where = lambda path, shape: sharding.NamedSharding(
+        p.mesh, sharding.spec_for(shape, None, p.mesh, rules, int(config.mesh.min_shard_size)))
     stored = previous.restore(step, previous.stored_structure(step, where))
   finally:
     previous.close()
