@@ -260,7 +260,7 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
   dtype = jnp.dtype(config.model.dtype)
   model = UNet2DConditionModel(unet_config, dtype=dtype, attention_implementation=config.model.attention,
                                remat=config.model.remat)
-  factor = 2 ** (len(folders.read_config(folders.component_path(c.files, "vae"))["block_out_channels"]) - 1)
+  factor = vae_scale_factor(c.files)
   resolution = config.model.resolution or unet_config.sample_size * factor
   multiple = factor * 2 ** (len(unet_config.block_out_channels) - 1)
   if resolution <= 0 or resolution % multiple:
