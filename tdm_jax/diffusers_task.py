@@ -86,51 +86,28 @@ def lora_config(config) -> Optional[lora.LoraConfig]:
                          targets=tuple(m.lora_targets))
 
 
-def unet_forward(model: UNet2DConditionModel):
-  """`forward(params, x_t, t, cond)` over the UNet: cond holds encoder_hidden_states (+ SDXL's extras)."""
-  if model.config.addition_embed_type == "text_time":
-    return lambda params, x_t, t, cond: model.apply(
-        {"params": params}, x_t, t, cond["encoder_hidden_states"],
-        added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]})
-  return lambda params, x_t, t, cond: model.apply({"params": params}, x_t, t, cond["encoder_hidden_states"])
-
-
-def own_computation(fn, x_t, t, *args):
-  """`fn(x_t, t, *args)` as one branch of a `lax.cond` on valid timesteps (t >= 0; invalid ones give
-  NaN, which the loop's NaN check reports).
-
-  The branch is an XLA computation of its own. XLA:CPU orders the operations of each computation
-  with an O(n^2) dependency analysis, so the TDM step's UNet passes and their backward passes (the
-  cond keeps those apart too) compiled as one flat program take over 25 minutes at SDXL size; kept
-  apart, minutes. On accelerators (where a cond would cost a host round trip to read its predicate)
-  `fn` is called directly. A fresh closure per call keeps JAX from reusing a branch traced under
-  other Flax interceptors (LoRA).
-  """
-  t = jnp.broadcast_to(jnp.asarray(t), (x_t.shape[0],))
-  if jax.devices()[0].platform != "cpu":
-    return fn(x_t, t, *args)
-  branch = lambda x_t, t, *args: fn(x_t, t, *args)
-  out = jax.eval_shape(branch, x_t, t, *args)
-  invalid = lambda *_: jnp.full(out.shape, jnp.nan, out.dtype)
-  return jax.lax.cond(jnp.all(t >= 0), branch, invalid, x_t, t, *args)
-
-
 def unet_apply(model: UNet2DConditionModel):
-  """`apply(params, x_t, t, cond)`: the UNet in a computation of its own (see `own_computation`)."""
-  forward = unet_forward(model)
-  return lambda params, x_t, t, cond: own_computation(
-      lambda x_t, t, params, cond: forward(params, x_t, t, cond), x_t, t, params, cond)
+  """`apply(params, x_t, t, cond, adapters=None)` over the UNet: cond holds encoder_hidden_states
+  (+ SDXL's extras); adapters, when given, are its "lora" collection (see `lora.adapters_applied`)."""
+  text_time = model.config.addition_embed_type == "text_time"
+
+  def forward(params, x_t, t, cond, adapters=None):
+    variables = {"params": params} if adapters is None else {"params": params, "lora": adapters}
+    extra = dict(added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}) if text_time else {}
+    return model.apply(variables, x_t, t, cond["encoder_hidden_states"], **extra)
+
+  return forward
 
 
 def lora_unet_apply(model: UNet2DConditionModel, cfg: lora.LoraConfig):
   """`(base, adapters, x_t, t, cond)` -> the UNet with adapters on its Dense layers (no merged copy)."""
-  forward = unet_forward(model)
+  forward = unet_apply(model)
 
-  def adapted(x_t, t, base, adapters, cond):
+  def adapted(base, adapters, x_t, t, cond):
     with lora.adapters_applied(adapters, cfg):
-      return forward(base, x_t, t, cond)
+      return forward(base, x_t, t, cond, adapters)
 
-  return lambda base, adapters, x_t, t, cond: own_computation(adapted, x_t, t, base, adapters, cond)
+  return adapted
 
 
 def prompt_encoder(files: str, trees: dict, resolution: int) -> pipeline.PromptEncoder:

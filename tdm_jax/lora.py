@@ -16,7 +16,8 @@ Two ways to run a model with adapters, the same function of (base, adapters):
 
 - `merge(base, adapters, cfg)` gives a plain tree for any apply function (export, samplers);
 - `adapters_applied(adapters, cfg)` is a context in which every targeted Flax `nn.Dense` adds
-  `(alpha / r) * (x @ a) @ b` to its output. Training uses it: no merged copy of the base is
+  `(alpha / r) * (x @ a) @ b` to its output, the adapters given to `apply` as the "lora"
+  variable collection. Training uses it: no merged copy of the base is
   ever materialised, the backward pass never forms a full-size kernel gradient, and the
   base stays one shared frozen tree (an argument of the compiled step).
 
@@ -173,12 +174,15 @@ def count(adapters) -> int:
 def adapters_applied(adapters, cfg: LoraConfig):
   """A context in which Flax Dense layers with an adapter compute x W + b0 + (alpha / r) (x a) b.
 
-  Layers are matched by module path (`down_blocks_1/.../to_q` for the kernel path
-  `down_blocks_1/.../to_q/kernel`), so the adapters must come from `init_adapters` over the
-  model's own parameter tree. The low-rank path runs in the layer's compute dtype. Raises
+  The adapters enter the model as its "lora" variable collection, beside the frozen "params":
+  `model.apply({"params": base, "lora": adapters}, ...)` inside this context. A Dense layer finds
+  its adapter at its own path (`down_blocks_1/.../to_q` holds {"kernel": {"a", "b"}}), so the
+  adapters must come from `init_adapters` over the model's own parameter tree. Being variables,
+  not values the interceptor closes over, they pass through Flax's lifted transforms (remat,
+  custom VJPs) like the weights do. The low-rank path runs in the layer's compute dtype. Raises
   ValueError after the call if an adapter matched no layer (a tree of another model).
   """
-  by_module = {path[:-1]: ab for path, ab in adapter_items(adapters).items()}
+  expected = {path[:-1] for path in adapter_items(adapters)}
   used = set()
 
   def interceptor(next_fun, args, kwargs, context):
@@ -186,20 +190,19 @@ def adapters_applied(adapters, cfg: LoraConfig):
     module = context.module
     if context.method_name != "__call__" or not isinstance(module, nn.Dense):
       return out
-    ab = by_module.get(tuple(module.path))
-    if ab is None:
+    if not module.has_variable("lora", "kernel"):
       return out
     used.add(tuple(module.path))
-    a, b = ab
+    ab = module.get_variable("lora", "kernel")
     x = jnp.asarray(args[0]).astype(out.dtype)
-    low = jnp.matmul(jnp.matmul(x, a.astype(out.dtype)), b.astype(out.dtype))
+    low = jnp.matmul(jnp.matmul(x, ab["a"].astype(out.dtype)), ab["b"].astype(out.dtype))
     return out + jnp.asarray(cfg.scale, out.dtype) * low
 
   @contextlib.contextmanager
   def context():
     with nn.intercept_methods(interceptor):
       yield
-    unused = sorted("/".join(p) for p in by_module if p not in used)
+    unused = sorted("/".join(p) for p in expected if p not in used)
     if unused:
       raise ValueError(f"{len(unused)} LoRA adapters matched no Dense layer of the model, e.g. {unused[:4]}; "
                        f"the adapters were made for another model's parameter tree")

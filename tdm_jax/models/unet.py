@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from tdm_jax.models import layers
 from tdm_jax.models.attention import attention
+from tdm_jax.models.remat import rematerialised
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -301,6 +302,7 @@ class Transformer2DModel(nn.Module):
   implementation: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, context):
@@ -311,8 +313,9 @@ class Transformer2DModel(nn.Module):
     else:
       h = _conv(self, c, "proj_in", kernel=1)(h).reshape(b, hgt * wid, c)
     for i in range(self.depth):
-      h = BasicTransformerBlock(self.heads, c // self.heads, self.implementation, dtype=self.dtype,
-                                param_dtype=self.param_dtype, name=f"transformer_blocks_{i}")(h, context)
+      block = BasicTransformerBlock(self.heads, c // self.heads, self.implementation, dtype=self.dtype,
+                                    param_dtype=self.param_dtype, name=f"transformer_blocks_{i}")
+      h = rematerialised(block, h, context) if self.remat else block(h, context)
     if self.use_linear_projection:
       h = _dense(self, c, ("mlp", "embed"), "proj_out")(h).reshape(b, hgt, wid, c)
     else:
@@ -333,15 +336,17 @@ class _Block(nn.Module):
   implementation: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: bool = False
 
   def resnet(self, x, temb, name):
-    return ResnetBlock2D(self.out_channels, self.groups, self.eps, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name=name)(x, temb)
+    block = ResnetBlock2D(self.out_channels, self.groups, self.eps, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=name)
+    return rematerialised(block, x, temb) if self.remat else block(x, temb)
 
   def transformer(self, x, context, name):
     return Transformer2DModel(self.heads, self.depth, self.groups, self.use_linear_projection,
                               self.implementation, dtype=self.dtype, param_dtype=self.param_dtype,
-                              name=name)(x, context)
+                              remat=self.remat, name=name)(x, context)
 
 
 class DownBlock(_Block):
@@ -423,7 +428,7 @@ class UNet2DConditionModel(nn.Module):
   __call__(sample (B, C, H, W), timesteps (B,) or scalar, encoder_hidden_states (B, L, D),
            added_cond_kwargs={"text_embeds": (B, E), "time_ids": (B, 6)} for text_time) -> (B, C', H, W).
   H and W must be divisible by 2 ** (len(block_out_channels) - 1). `remat` rematerialises each
-  down/mid/up block in the backward pass.
+  resnet and each transformer block in the backward pass (see `models/remat.py`).
   """
   config: UNetConfig
   dtype: Any = jnp.float32
@@ -435,11 +440,9 @@ class UNet2DConditionModel(nn.Module):
   def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    wrap = nn.remat if self.remat else (lambda cls: cls)
-    down_cls, mid_cls, up_cls = wrap(DownBlock), wrap(MidBlock), wrap(UpBlock)
     common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps,
                   use_linear_projection=cfg.use_linear_projection,
-                  implementation=self.attention_implementation, **kw)
+                  implementation=self.attention_implementation, remat=self.remat, **kw)
 
     x = jnp.transpose(jnp.asarray(sample), (0, 2, 3, 1)).astype(self.dtype)
     context = jnp.asarray(encoder_hidden_states).astype(self.dtype)
@@ -465,20 +468,20 @@ class UNet2DConditionModel(nn.Module):
     heads, depths, layers = cfg.heads_per_block, cfg.transformer_depths, cfg.layers_per_block_list
     n = len(cfg.block_out_channels)
     for i, block_type in enumerate(cfg.down_block_types):
-      x, states = down_cls(cfg.block_out_channels[i], layers[i], block_type == "CrossAttnDownBlock2D",
+      x, states = DownBlock(cfg.block_out_channels[i], layers[i], block_type == "CrossAttnDownBlock2D",
                            heads[i], depths[i], add_downsample=i < n - 1, **common,
                            name=f"down_blocks_{i}")(x, emb, context)
       skips.extend(states)
 
     if cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
-      x = mid_cls(cfg.block_out_channels[-1], 1, True, heads[-1], depths[-1], **common,
+      x = MidBlock(cfg.block_out_channels[-1], 1, True, heads[-1], depths[-1], **common,
                   name="mid_block")(x, emb, context)
 
     rev = lambda v: tuple(reversed(v))
     for i, block_type in enumerate(cfg.up_block_types):
       num = rev(layers)[i] + 1
       block_skips, skips = tuple(skips[-num:]), skips[:-num]
-      x = up_cls(rev(cfg.block_out_channels)[i], num, block_type == "CrossAttnUpBlock2D",
+      x = UpBlock(rev(cfg.block_out_channels)[i], num, block_type == "CrossAttnUpBlock2D",
                  rev(heads)[i], rev(depths)[i], add_upsample=i < n - 1, **common,
                  name=f"up_blocks_{i}")(x, block_skips, emb, context)
 

@@ -1,0 +1,57 @@
+"""Block-level rematerialisation that every XLA backend keeps.
+
+`rematerialised(module, *args)` calls a Flax module so that the backward pass recomputes the
+module's activations from its inputs instead of keeping them from the forward pass: a UNet
+training step then holds each block's inputs, not every intermediate of every block.
+
+On GPU and TPU this is `nn.remat` (`jax.checkpoint`). XLA:CPU undoes an unrolled
+`jax.checkpoint`: the recomputation is merged back into the forward pass, and the program keeps
+as much memory as with no remat at all (`benchmarks/cpu_remat_check.py` measures it). So on CPU
+the module gets a custom VJP whose backward runs `jax.vjp` of a checkpointed call inside a
+`lax.cond` branch entered with the incoming cotangent. A branch is a computation of its own: its
+recomputation cannot start before the cotangent exists, nor be merged with the forward pass. The
+branches also keep each of XLA:CPU's O(n^2)-ordered computations small, which is what makes the
+SDXL step compile in minutes there. The predicate (the cotangent's first element is not NaN) is
+true in every finite run; a NaN cotangent gives NaN gradients, as it would anyway.
+
+Gradients flow to every variable collection of the module ("params" for full copies, "lora"
+for adapters, see `tdm_jax.lora.adapters_applied`); those nobody asks for are pruned by XLA.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_GRAD_COLLECTIONS = ("params", "lora")
+
+
+def _call(module, *args):
+  return module(*args)
+
+
+def _nan_like(shapes):
+  return jax.tree_util.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)
+
+
+def _forward(module, *args):
+  return nn.vjp(nn.remat(_call), module, *args, vjp_variables=_GRAD_COLLECTIONS)
+
+
+def _backward(vjp_fn, cotangent):
+  run = lambda vjp_fn, cotangent: vjp_fn(cotangent)
+  first = jax.tree_util.tree_leaves(cotangent)[0]
+  finite = ~jnp.isnan(first.reshape(-1)[0])
+  shapes = jax.eval_shape(run, vjp_fn, cotangent)
+  return jax.lax.cond(finite, run, lambda *_: _nan_like(shapes), vjp_fn, cotangent)
+
+
+_cpu_rematerialised = nn.custom_vjp(_call, _forward, _backward, grad_vars=_GRAD_COLLECTIONS)
+
+
+def rematerialised(module: nn.Module, *args):
+  """`module(*args)`, its activations recomputed in the backward pass (see the module docstring)."""
+  if jax.default_backend() == "cpu":
+    return _cpu_rematerialised(module, *args)
+  return nn.remat(_call)(module, *args)
