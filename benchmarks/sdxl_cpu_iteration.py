@@ -6,7 +6,8 @@ Random weights made on the mesh from the published configs (both text encoders, 
 the bf16 frozen teacher), LoRA student and fake score (configs/sdxl.py's rank 64), prompts
 tokenized by the stand-in tokenizer and encoded inside the step. Prints the time to make the
 weights, to trace and compile the step, the wall time of each iteration, its losses, and the
-process's peak resident memory.
+process's peak resident memory. The step is compiled from shapes before the weights are made, so
+the compiler's own peak memory and the run's are not added together.
 """
 
 import os
@@ -42,23 +43,28 @@ def main(_):
   config.mesh.shape = (1, 1, 1)
   devices = jax.devices()[:1]
   workdir = tempfile.mkdtemp()
-  began = time.perf_counter()
-  task = diffusers_task.build_task(config, workdir, devices=devices)
-  jax.block_until_ready(task.teacher_params)
-  weights_s = time.perf_counter() - began
   mesh = sharding.make_mesh(config.mesh.shape, devices)
   with jax.set_mesh(mesh):
-    p = train.plan(task, config, mesh)
-    state = train.initial_state(task, config, p, task.teacher_params)
+    # Compile first, from shapes alone: the compiler's peak memory is spent before any weight exists.
+    abstract = diffusers_task.build_task(config, workdir, devices=devices, materialize=False)
+    p = train.plan(abstract, config, mesh)
     rows = sharding.process_rows(mesh, config.train.batch_size)
-    inputs = lambda step: sharding.global_batch(task.inputs(step, config.train.batch_size, rows), mesh,
+    inputs = lambda step: sharding.global_batch(abstract.inputs(step, config.train.batch_size, rows), mesh,
                                                 config.train.batch_size, rows)
-    compiled, times = train.compile_step(train.make_train_step(task, config), p, state, task.teacher_params,
-                                         task.conditioner, inputs(0))
+    compiled, times = train.compile_step(train.make_train_step(abstract, config), p, p.abstract_state,
+                                         sharding.with_shardings(abstract.teacher_params, p.teacher),
+                                         sharding.with_shardings(abstract.conditioner, p.conditioner), inputs(0))
     print(f"SDXL {config.model.resolution} px, batch {config.train.batch_size}, LoRA rank {config.model.lora_rank}, "
           f"compute {config.model.dtype}, teacher {config.model.teacher_dtype}, 1 CPU device")
-    print(f"random weights: {weights_s:.1f} s; trace {times['trace_s']:.1f} s, compile {times['compile_s']:.1f} s; "
-          f"compiled memory {train.memory_summary(compiled)}")
+    print(f"trace {times['trace_s']:.1f} s, compile {times['compile_s']:.1f} s; compiled memory (GiB) "
+          f"{ {k: round(v / 2**30, 2) for k, v in train.memory_summary(compiled).items()} }; "
+          f"peak RSS so far {_peak_rss_gib():.2f} GiB", flush=True)
+    began = time.perf_counter()
+    task = diffusers_task.build_task(config, workdir, devices=devices)
+    state = train.initial_state(task, config, p, task.teacher_params)
+    jax.block_until_ready((task.teacher_params, task.conditioner, state))
+    print(f"random weights and initial state: {time.perf_counter() - began:.1f} s; "
+          f"peak RSS so far {_peak_rss_gib():.2f} GiB", flush=True)
     for step in range(_ITERATIONS.value):
       start = time.perf_counter()
       state, metrics = compiled(state, task.teacher_params, task.conditioner, inputs(step))

@@ -168,28 +168,39 @@ def components(config, workdir: str) -> Components:
                     {k: sharding.logical_axes(v) for k, v in boxed.items()})
 
 
+def _random_leaf(shape, how, dtype, key):
+  if how[0] == "ones":
+    return jnp.ones(shape, dtype)
+  if how[0] == "zeros":
+    return jnp.zeros(shape, dtype)
+  return (how[1] * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
 def random_weights(abstract, shardings, key, dtype):
-  """Random parameters made directly in their shards (one jitted program, no host copy).
+  """Random parameters made directly in their shards (no host copy).
 
   Kernels and embeddings ~ N(0, 1/fan_in) (embeddings 0.02^2), norm scales 1, biases 0: what
-  makes activations behave at any depth, so timing and memory of shape-only runs are real.
+  makes activations behave at any depth, so timing and memory of shape-only runs are real. One
+  jitted maker per (shape, init, sharding), called leaf by leaf with `fold_in(key, i)`: a single
+  program for all leaves would hold every leaf's float32 draw at once (20 GB at SDXL's size).
   """
   flat = flax.traverse_util.flatten_dict(abstract)
-
-  def make(key):
-    out = {}
-    for i, (path, leaf) in enumerate(sorted(flat.items())):
-      kind = path[-1]
-      if kind == "scale":
-        out[path] = jnp.ones(leaf.shape, dtype)
-      elif kind == "bias" or len(leaf.shape) < 2:
-        out[path] = jnp.zeros(leaf.shape, dtype)
-      else:
-        std = 0.02 if kind == "embedding" else float(np.prod(leaf.shape[:-1])) ** -0.5
-        out[path] = (std * jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32)).astype(dtype)
-    return flax.traverse_util.unflatten_dict(out)
-
-  return jax.jit(make, out_shardings=shardings)(key)
+  flat_shardings = flax.traverse_util.flatten_dict(shardings)
+  makers, out = {}, {}
+  for i, (path, leaf) in enumerate(sorted(flat.items())):
+    kind = path[-1]
+    if kind == "scale":
+      how = ("ones",)
+    elif kind == "bias" or len(leaf.shape) < 2:
+      how = ("zeros",)
+    else:
+      how = ("normal", 0.02 if kind == "embedding" else float(np.prod(leaf.shape[:-1])) ** -0.5)
+    spec = (tuple(leaf.shape), how, flat_shardings[path])
+    if spec not in makers:
+      makers[spec] = jax.jit(functools.partial(_random_leaf, tuple(leaf.shape), how, dtype),
+                             out_shardings=flat_shardings[path])
+    out[path] = makers[spec](jax.random.fold_in(key, i))
+  return flax.traverse_util.unflatten_dict(out)
 
 
 def frozen_weights(config, c: Components, mesh) -> dict:
@@ -350,20 +361,22 @@ def evaluate(config, workdir: str, task: Task, student_params) -> list:
   vae = AutoencoderKL(VAEConfig.from_dict(folders.read_config(folders.component_path(files, "vae"))))
   scorer = evaluator.PromptScorer(e.classifier, batch_prompts) if e.classifier else None
   calls = 1 if cfg.guidance_scale == 1.0 else 2
-  samplers = [(f"teacher, {n} DDIM steps, CFG {cfg.guidance_scale}", "teacher", calls * n,
-               functools.partial(sample.teacher_sample, task.apply, task.teacher_params, task.schedule, num_steps=n,
+  # Weights are arguments of the compiled samplers, never constants baked into them (GBs at SDXL size).
+  samplers = [(f"teacher, {n} DDIM steps, CFG {cfg.guidance_scale}", "teacher", calls * n, task.teacher_params,
+               functools.partial(sample.teacher_sample, task.apply, num_steps=n,
                                  guidance_scale=cfg.guidance_scale, spacing="trailing"), (uncond,))
               for n in e.teacher_steps]
-  samplers += [(f"TDM student, {n} steps", "student", n,
-                functools.partial(sample.student_sample, task.apply, student_params, task.schedule, num_steps=n,
+  samplers += [(f"TDM student, {n} steps", "student", n, student_params,
+                functools.partial(sample.student_sample, task.apply, num_steps=n,
                                   total_steps=cfg.total_steps, solver=e.student_solver), ())
                for n in e.student_steps]
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
   columns = min(len(prompts), 8)
   rows, comparison = [], [scorer.real[firsts[:columns]]] if scorer else []
-  for name, role, nfe, fn, extra in samplers:
-    generate = lambda z, c, *x, fn=fn: vae.images_from_latents(trees["vae"], fn(z, c, *x))
-    images, ms = sample.timed(generate, z, cond, *extra)
+  for name, role, nfe, params, fn, extra in samplers:
+    generate = lambda params, vae_params, schedule, z, c, *x, fn=fn: vae.images_from_latents(
+        vae_params, fn(params, schedule, z, c, *x))
+    images, ms = sample.timed(generate, params, trees["vae"], task.schedule, z, cond, *extra)
     pixels = sample.to_uint8(images)
     slug = f"{role}_{nfe}nfe"
     sample.save_pixel_grid(pixels[firsts], os.path.join(workdir, "eval", f"{slug}.png"), columns=columns, upscale=2,

@@ -35,19 +35,37 @@ def _nan_like(shapes):
   return jax.tree_util.tree_map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)
 
 
+def _not_nan(tree):
+  first = jax.tree_util.tree_leaves(tree)[0]
+  return ~jnp.isnan(first.reshape(-1)[0])
+
+
+def _own_call(module, *args):
+  """`module(*args)` in a computation of its own (a lifted `lax.cond` branch).
+
+  XLA:CPU computes bf16 matmuls and convolutions on float32 copies of their weights and converts a
+  whole program's weights up front; inside a branch the copies exist only while the block runs.
+  """
+  if module.is_initializing():
+    return module(*args)
+  shapes = jax.eval_shape(module.clone(parent=None).apply, module.variables, *args)
+  return nn.cond(_not_nan(args), _call, lambda module, *args: _nan_like(shapes), module, *args)
+
+
 def _forward(module, *args):
-  return nn.vjp(nn.remat(_call), module, *args, vjp_variables=_GRAD_COLLECTIONS)
+  # The vjp's own forward result is unused: remat leaves its residuals as the inputs, so XLA drops
+  # that forward and keeps the branch's.
+  _, vjp_fn = nn.vjp(nn.remat(_call), module, *args, vjp_variables=_GRAD_COLLECTIONS)
+  return _own_call(module, *args), vjp_fn
 
 
 def _backward(vjp_fn, cotangent):
   run = lambda vjp_fn, cotangent: vjp_fn(cotangent)
-  first = jax.tree_util.tree_leaves(cotangent)[0]
-  finite = ~jnp.isnan(first.reshape(-1)[0])
   shapes = jax.eval_shape(run, vjp_fn, cotangent)
-  return jax.lax.cond(finite, run, lambda *_: _nan_like(shapes), vjp_fn, cotangent)
+  return jax.lax.cond(_not_nan(cotangent), run, lambda *_: _nan_like(shapes), vjp_fn, cotangent)
 
 
-_cpu_rematerialised = nn.custom_vjp(_call, _forward, _backward, grad_vars=_GRAD_COLLECTIONS)
+_cpu_rematerialised = nn.custom_vjp(_own_call, _forward, _backward, grad_vars=_GRAD_COLLECTIONS)
 
 
 def rematerialised(module: nn.Module, *args):
