@@ -115,11 +115,17 @@ def init_adapters(key: jax.Array, base_params, cfg: LoraConfig) -> Dict[str, Any
   """
   flat = _flatten(base_params)
   std = (1.0 / cfg.rank) if cfg.init_scale is None else float(cfg.init_scale)
-  out = {}
+  # One vmapped draw per input width instead of one per target: the same numbers, and a program
+  # of tens of draws rather than ~1,400 at SDXL's size (XLA:CPU compiles that in seconds, not minutes).
+  by_width: Dict[int, List[Tuple[int, Path]]] = {}
   for i, path in enumerate(target_paths(base_params, cfg)):
-    d_in, d_out = np.shape(_unbox(flat[path]))
-    a = jax.random.normal(jax.random.fold_in(key, i), (d_in, cfg.rank), jnp.float32) * std
-    out[path] = {"a": a, "b": jnp.zeros((cfg.rank, d_out), jnp.float32)}
+    by_width.setdefault(np.shape(_unbox(flat[path]))[0], []).append((i, path))
+  out = {}
+  for d_in, members in by_width.items():
+    keys = jnp.stack([jax.random.fold_in(key, i) for i, _ in members])
+    draws = jax.vmap(lambda k, d_in=d_in: jax.random.normal(k, (d_in, cfg.rank), jnp.float32))(keys) * std
+    for (_, path), a in zip(members, draws):
+      out[path] = {"a": a, "b": jnp.zeros((cfg.rank, np.shape(_unbox(flat[path]))[1]), jnp.float32)}
   return flax.traverse_util.unflatten_dict(out)
 
 
