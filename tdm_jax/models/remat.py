@@ -10,9 +10,11 @@ as much memory as with no remat at all (`benchmarks/cpu_remat_check.py` measures
 the module gets a custom VJP whose backward runs `jax.vjp` of a checkpointed call inside a
 `lax.cond` branch entered with the incoming cotangent. A branch is a computation of its own: its
 recomputation cannot start before the cotangent exists, nor be merged with the forward pass. The
-branches also keep each of XLA:CPU's O(n^2)-ordered computations small, which is what makes the
-SDXL step compile in minutes there. The predicate (the cotangent's first element is not NaN) is
-true in every finite run; a NaN cotangent gives NaN gradients, as it would anyway.
+forward runs in a branch of its own too, so XLA:CPU's float32 copies of bf16 weights (it has no
+bf16 matmul) exist only while their block runs, not for the whole step. The branches also keep
+each of XLA:CPU's O(n^2)-ordered computations small, which is what makes the SDXL step compile in
+minutes there. The predicate (the first element of the inputs, or of the cotangent, is not NaN) is
+true in every finite run; a NaN there gives NaN outputs or gradients, as it would anyway.
 
 Gradients flow to every variable collection of the module ("params" for full copies, "lora"
 for adapters, see `tdm_jax.lora.adapters_applied`); those nobody asks for are pruned by XLA.
