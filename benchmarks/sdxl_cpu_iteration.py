@@ -6,8 +6,8 @@ Random weights made on the mesh from the published configs (both text encoders, 
 the bf16 frozen teacher), LoRA student and fake score (configs/sdxl.py's rank 64), prompts
 tokenized by the stand-in tokenizer and encoded inside the step. Prints the time to make the
 weights, to trace and compile the step, the wall time of each iteration, its losses, and the
-process's peak resident memory. The step is compiled from shapes before the weights are made, so
-the compiler's own peak memory and the run's are not added together.
+process's peak resident memory. The step and the state's init program are compiled from shapes
+before any weight is made, so the compiler's own peak memory and the run's are not added together.
 """
 
 import ctypes
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from tdm_jax import diffusers_task, sharding, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tdm_jax import diffusers_task, rng, sharding, train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sdxl.py", "The run's config.")
 _RESOLUTION = flags.DEFINE_integer("resolution", 256, "Pixels.")
@@ -60,18 +60,24 @@ def main(_):
     rows = sharding.process_rows(mesh, config.train.batch_size)
     inputs = lambda step: sharding.global_batch(abstract.inputs(step, config.train.batch_size, rows), mesh,
                                                 config.train.batch_size, rows)
+    teacher_abstract = sharding.with_shardings(abstract.teacher_params, p.teacher)
     compiled, times = train.compile_step(train.make_train_step(abstract, config), p, p.abstract_state,
-                                         sharding.with_shardings(abstract.teacher_params, p.teacher),
+                                         teacher_abstract,
                                          sharding.with_shardings(abstract.conditioner, p.conditioner), inputs(0))
     print(f"SDXL {config.model.resolution} px, batch {config.train.batch_size}, LoRA rank {config.model.lora_rank}, "
           f"compute {config.model.dtype}, teacher {config.model.teacher_dtype}, 1 CPU device")
     print(f"trace {times['trace_s']:.1f} s, compile {times['compile_s']:.1f} s; compiled memory (GiB) "
           f"{ {k: round(v / 2**30, 2) for k, v in train.memory_summary(compiled).items()} }; "
           f"peak RSS so far {_peak_rss_gib():.2f} GiB", flush=True)
+    began = time.perf_counter()
+    key = rng.derive(config.seed, 0, rng.Role.INIT)
+    init = jax.jit(train.state_init(abstract, config), out_shardings=p.state).lower(teacher_abstract, key).compile()
+    print(f"state init compiled in {time.perf_counter() - began:.1f} s; peak RSS so far {_peak_rss_gib():.2f} GiB",
+          flush=True)
     _release_freed_memory()
     began = time.perf_counter()
     task = diffusers_task.build_task(config, workdir, devices=devices)
-    state = train.initial_state(task, config, p, task.teacher_params)
+    state = init(task.teacher_params, key)
     jax.block_until_ready((task.teacher_params, task.conditioner, state))
     print(f"random weights and initial state: {time.perf_counter() - began:.1f} s; "
           f"peak RSS so far {_peak_rss_gib():.2f} GiB", flush=True)
