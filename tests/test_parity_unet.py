@@ -89,6 +89,37 @@ def test_sdxl_style_parity_and_round_trip(tmp_path):
     np.testing.assert_array_equal(back[name], value, err_msg=name)
 
 
+def test_class_embeddings_and_time_cond_projection_parity(tmp_path):
+  """`num_class_embeds` (class_embed_type None: added to the time embedding) and LCM's
+  `time_cond_proj_dim`, on an SDXL-style UNet, against Diffusers with class labels and a condition."""
+  kwargs = dict(SDXL, num_class_embeds=5, time_cond_proj_dim=12)
+  model, state, config_dict = _diffusers_unet(kwargs, tmp_path)
+  assert "class_embedding.weight" in state and "time_embedding.cond_proj.weight" in state
+  config = UNetConfig.from_dict(config_dict)
+  params = unet_params_from_state_dict(state, config)
+  sample, timesteps, context, added = _inputs(kwargs)
+  labels = np.array([4, 1], np.int64)
+  condition = np.random.default_rng(1).standard_normal((2, 12)).astype(np.float32)
+  with torch.no_grad():
+    theirs = model(torch.from_numpy(sample), torch.from_numpy(timesteps), torch.from_numpy(context),
+                   class_labels=torch.from_numpy(labels), timestep_cond=torch.from_numpy(condition),
+                   added_cond_kwargs={k: torch.from_numpy(v) for k, v in added.items()}).sample.numpy()
+    without = model(torch.from_numpy(sample), torch.from_numpy(timesteps), torch.from_numpy(context),
+                    class_labels=torch.from_numpy(labels),
+                    added_cond_kwargs={k: torch.from_numpy(v) for k, v in added.items()}).sample.numpy()
+  apply = jax.jit(UNet2DConditionModel(config).apply)
+  ours = np.asarray(apply({"params": params}, sample, timesteps, context, added, labels, condition))
+  ours_without = np.asarray(apply({"params": params}, sample, timesteps, context, added, labels))
+  np.testing.assert_allclose(ours, theirs, atol=1e-4 * max(1.0, float(np.abs(theirs).max())))
+  np.testing.assert_allclose(ours_without, without, atol=1e-4 * max(1.0, float(np.abs(without).max())))
+  assert np.abs(theirs - without).max() > 1e-2  # the condition matters, so the test can fail
+  back = unet_state_dict_from_params(params, config)
+  for name, value in state.items():
+    np.testing.assert_array_equal(back[name], value, err_msg=name)
+  with pytest.raises(ValueError, match="class_labels"):
+    UNet2DConditionModel(config).apply({"params": params}, sample, timesteps, context, added)
+
+
 def test_logical_axes_on_every_param():
   config = UNetConfig.from_dict(SD15)
   sample, timesteps, context, _ = _inputs(SD15, batch=1)

@@ -23,6 +23,7 @@ from tdm_jax.convert.errors import ConversionError, check_conversion
 # Diffusers containers whose children are indexed (`resnets.0`); ours are `resnets_0`.
 _LISTS = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks",
           "downsamplers", "upsamplers", "to_out", "net")
+_WEIGHTS = ("kernel", "scale", "embedding")  # our names of Diffusers' `weight`
 _LIST_RE = re.compile(r"^(%s)_(\d+)$" % "|".join(_LISTS))
 
 
@@ -42,7 +43,9 @@ def abstract_params(config: Union[UNetConfig, Mapping[str, Any]]):
   if config.addition_embed_type == "text_time":
     text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
     added = {"text_embeds": jnp.zeros((1, text_dim)), "time_ids": jnp.zeros((1, 6))}
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, jnp.zeros((1,)), context, added))["params"]
+  labels = None if config.num_class_embeds is None else jnp.zeros((1,), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, jnp.zeros((1,)), context, added,
+                                           labels))["params"]
 
 
 def expected_param_shapes(config: Union[UNetConfig, Mapping[str, Any]]) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
@@ -72,35 +75,33 @@ def diffusers_name(path: Tuple[str, ...]) -> str:
 
 def _leaf_candidates(prefix: Tuple[str, ...], leaf: str):
   if leaf == "weight":
-    return [prefix + ("kernel",), prefix + ("scale",)]
+    return [prefix + ("kernel",), prefix + ("scale",), prefix + ("embedding",)]
   if leaf == "bias":
     return [prefix + ("bias",)]
   return []
 
 
-def _torch_shape(shape: Tuple[int, ...]) -> Tuple[int, ...]:
+# Axis orders from Diffusers' layout to ours, by rank: conv OIHW -> HWIO, linear (out, in) -> (in, out).
+# Embedding tables (`embedding` leaves) are (rows, features) in both.
+_TO_OURS = {4: (2, 3, 1, 0), 2: (1, 0)}
+_TO_TORCH = {4: (3, 2, 0, 1), 2: (1, 0)}
+
+
+def _axes(path: Tuple[str, ...], ndim: int, orders) -> Tuple[int, ...]:
+  return tuple(range(ndim)) if path[-1] == "embedding" else orders.get(ndim, tuple(range(ndim)))
+
+
+def _torch_shape(path: Tuple[str, ...], shape: Tuple[int, ...]) -> Tuple[int, ...]:
   """The Diffusers-layout shape of one of our parameters."""
-  if len(shape) == 4:
-    return (shape[3], shape[2], shape[0], shape[1])
-  if len(shape) == 2:
-    return (shape[1], shape[0])
-  return tuple(shape)
+  return tuple(shape[i] for i in _axes(path, len(shape), _TO_TORCH))
 
 
-def _to_ours(value: np.ndarray) -> np.ndarray:
-  if value.ndim == 4:
-    return np.transpose(value, (2, 3, 1, 0))
-  if value.ndim == 2:
-    return np.transpose(value, (1, 0))
-  return value
+def _to_ours(path: Tuple[str, ...], value: np.ndarray) -> np.ndarray:
+  return np.transpose(value, _axes(path, value.ndim, _TO_OURS))
 
 
-def _to_torch(value: np.ndarray) -> np.ndarray:
-  if value.ndim == 4:
-    return np.transpose(value, (3, 2, 0, 1))
-  if value.ndim == 2:
-    return np.transpose(value, (1, 0))
-  return value
+def _to_torch(path: Tuple[str, ...], value: np.ndarray) -> np.ndarray:
+  return np.transpose(value, _axes(path, value.ndim, _TO_TORCH))
 
 
 def unet_params_from_state_dict(state_dict: Mapping[str, np.ndarray],
@@ -120,12 +121,12 @@ def unet_params_from_state_dict(state_dict: Mapping[str, np.ndarray],
       unused.append(name)
       continue
     value = np.asarray(state_dict[name])
-    want = _torch_shape(expected[target])
+    want = _torch_shape(target, expected[target])
     if tuple(value.shape) != want:
       mismatched.append(f"{name}: expected {want}, got {tuple(value.shape)}")
       continue
-    filled[target] = _to_ours(value)
-  unfilled = sorted(diffusers_name(p[:-1] + ("weight" if p[-1] in ("kernel", "scale") else p[-1],))
+    filled[target] = _to_ours(target, value)
+  unfilled = sorted(diffusers_name(p[:-1] + ("weight" if p[-1] in _WEIGHTS else p[-1],))
                     for p in expected if p not in filled)
   unfilled = [n for n in unfilled if not any(m.startswith(n + ":") for m in mismatched)]
   check_conversion("UNet checkpoint", unfilled=unfilled, unused=unused, mismatched=mismatched,
@@ -149,6 +150,6 @@ def unet_state_dict_from_params(params: Mapping[str, Any],
         + (f"  wrong shape: {wrong}\n" if wrong else ""))
   out = {}
   for path, value in flat.items():
-    leaf = "weight" if path[-1] in ("kernel", "scale") else path[-1]
-    out[diffusers_name(path[:-1] + (leaf,))] = _to_torch(np.asarray(jax.device_get(value)))
+    leaf = "weight" if path[-1] in _WEIGHTS else path[-1]
+    out[diffusers_name(path[:-1] + (leaf,))] = _to_torch(path, np.asarray(jax.device_get(value)))
   return out

@@ -44,9 +44,7 @@ _FIXED = {
     "resnet_skip_time_act": (False,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
-    "num_class_embeds": (None,),
     "class_embeddings_concat": (False,),
-    "time_cond_proj_dim": (None,),
     "time_embedding_dim": (None,),
     "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,),
@@ -100,6 +98,11 @@ class UNetConfig:
   dual_cross_attention: bool = False
   class_embed_type: Optional[str] = None
   center_input_sample: bool = False
+  # A learned embedding per class label added to the time embedding (Diffusers' `class_embedding`
+  # with class_embed_type=None); TDM's unified student carries its step count K this way.
+  num_class_embeds: Optional[int] = None
+  # LCM-style: a projection of `timestep_cond` added to the sinusoids; stock pipelines then skip CFG.
+  time_cond_proj_dim: Optional[int] = None
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "UNetConfig":
@@ -196,13 +199,19 @@ def _layer_norm(m, name):
 
 
 class TimestepEmbedding(nn.Module):
-  """linear_1 -> SiLU -> linear_2."""
+  """[+ cond_proj(condition)] -> linear_1 -> SiLU -> linear_2."""
   features: int
+  cond_proj_dim: Optional[int] = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, condition=None):
+    if self.cond_proj_dim is not None:
+      if condition is None:  # Diffusers skips the projection; adding zeros is the same and keeps the weight
+        condition = jnp.zeros(x.shape[:-1] + (self.cond_proj_dim,), self.dtype)
+      x = x + _dense(self, x.shape[-1], (None, "embed"), "cond_proj", use_bias=False)(
+          jnp.asarray(condition).astype(self.dtype))
     x = _dense(self, self.features, ("embed", "mlp"), "linear_1")(x)
     return _dense(self, self.features, ("mlp", "embed"), "linear_2")(nn.silu(x))
 
@@ -426,7 +435,9 @@ class UNet2DConditionModel(nn.Module):
   """Diffusers' UNet2DConditionModel for the configs `UNetConfig` accepts.
 
   __call__(sample (B, C, H, W), timesteps (B,) or scalar, encoder_hidden_states (B, L, D),
-           added_cond_kwargs={"text_embeds": (B, E), "time_ids": (B, 6)} for text_time) -> (B, C', H, W).
+           added_cond_kwargs={"text_embeds": (B, E), "time_ids": (B, 6)} for text_time,
+           class_labels (B,) ints with num_class_embeds, timestep_cond (B, time_cond_proj_dim) or None)
+  -> (B, C', H, W).
   H and W must be divisible by 2 ** (len(block_out_channels) - 1). `remat` rematerialises each
   resnet and each transformer block in the backward pass (see `models/remat.py`).
   """
@@ -437,7 +448,8 @@ class UNet2DConditionModel(nn.Module):
   remat: bool = False
 
   @nn.compact
-  def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None):
+  def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None, class_labels=None,
+               timestep_cond=None):
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps,
@@ -452,7 +464,16 @@ class UNet2DConditionModel(nn.Module):
     t = jnp.asarray(timesteps)
     t = jnp.broadcast_to(t.reshape(-1), (batch,))
     t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-    emb = TimestepEmbedding(cfg.time_embed_dim, **kw, name="time_embedding")(t_emb.astype(self.dtype))
+    emb = TimestepEmbedding(cfg.time_embed_dim, cfg.time_cond_proj_dim, **kw, name="time_embedding")(
+        t_emb.astype(self.dtype), timestep_cond)
+    if cfg.num_class_embeds is not None:
+      if class_labels is None:
+        raise ValueError(f"this UNet has num_class_embeds={cfg.num_class_embeds}: pass class_labels (B,)")
+      labels = jnp.broadcast_to(jnp.asarray(class_labels, jnp.int32).reshape(-1), (batch,))
+      table = nn.Embed(cfg.num_class_embeds, cfg.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                       embedding_init=layers.annotated(nn.initializers.normal(1.0), ("classes", "embed")),
+                       name="class_embedding")
+      emb = emb + table(labels)
     if cfg.addition_embed_type == "text_time":
       if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
         raise ValueError("addition_embed_type='text_time' needs added_cond_kwargs with 'text_embeds' and 'time_ids'")
@@ -465,10 +486,10 @@ class UNet2DConditionModel(nn.Module):
 
     x = _conv(self, cfg.block_out_channels[0], "conv_in")(x)
     skips = [x]
-    heads, depths, layers = cfg.heads_per_block, cfg.transformer_depths, cfg.layers_per_block_list
+    heads, depths, resnets = cfg.heads_per_block, cfg.transformer_depths, cfg.layers_per_block_list
     n = len(cfg.block_out_channels)
     for i, block_type in enumerate(cfg.down_block_types):
-      x, states = DownBlock(cfg.block_out_channels[i], layers[i], block_type == "CrossAttnDownBlock2D",
+      x, states = DownBlock(cfg.block_out_channels[i], resnets[i], block_type == "CrossAttnDownBlock2D",
                            heads[i], depths[i], add_downsample=i < n - 1, **common,
                            name=f"down_blocks_{i}")(x, emb, context)
       skips.extend(states)
@@ -479,7 +500,7 @@ class UNet2DConditionModel(nn.Module):
 
     rev = lambda v: tuple(reversed(v))
     for i, block_type in enumerate(cfg.up_block_types):
-      num = rev(layers)[i] + 1
+      num = rev(resnets)[i] + 1
       block_skips, skips = tuple(skips[-num:]), skips[:-num]
       x = UpBlock(rev(cfg.block_out_channels)[i], num, block_type == "CrossAttnUpBlock2D",
                  rev(heads)[i], rev(depths)[i], add_upsample=i < n - 1, **common,
