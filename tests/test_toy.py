@@ -89,8 +89,7 @@ def test_num_steps_embedding_is_zero_at_init(steps_model):
     outs = [apply({"params": params}, x, t, cond, jnp.full((B,), n)) for n in (1, 2, 4, 8)]
     for o in outs[1:]:
         np.testing.assert_array_equal(np.asarray(outs[0]), np.asarray(o))
-    # Omitting num_steps uses the (also zero) "unspecified" entry; eager vs jit may
-    # differ only by float round-off.
+    # Omitting num_steps (the teacher) adds no row; eager vs jit may differ only by round-off.
     default = model.apply({"params": params}, x, t, cond)
     np.testing.assert_allclose(np.asarray(default), np.asarray(outs[0]), rtol=1e-5, atol=1e-6)
 
@@ -100,6 +99,22 @@ def test_student_matches_teacher_at_init(plain_model, steps_model):
     teacher = plain_model[0].apply({"params": plain_model[1]}, x, t, cond)
     student = steps_model[0].apply({"params": steps_model[1]}, x, t, cond, jnp.full((B,), 4))
     np.testing.assert_allclose(np.asarray(student), np.asarray(teacher), rtol=1e-6, atol=1e-6)
+
+
+def test_teacher_training_leaves_the_step_table_at_zero(steps_model):
+    """The toy teacher is pretrained with num_steps=None; nothing of that may reach the step table,
+    or a unified student (same weights, told its K) would not start equal to its teacher."""
+    model, params = steps_model
+    x, t, cond = _inputs()
+    loss = lambda p: jnp.mean(model.apply({"params": p}, x, t, cond) ** 2)
+    grads = jax.jit(jax.grad(loss))(params)
+    assert float(jnp.abs(grads["num_steps_embed"]["embedding"]).max()) == 0.0
+    assert float(jnp.abs(grads["in_proj"]["kernel"]).max()) > 0.0
+    trained = jax.tree_util.tree_map(lambda p, g: p - 0.5 * g, params, grads)  # a teacher that moved
+    teacher = model.apply({"params": trained}, x, t, cond)
+    for k in (1, 2, 4):
+        student = model.apply({"params": trained}, x, t, cond, jnp.full((B,), k))
+        np.testing.assert_allclose(np.asarray(student), np.asarray(teacher), rtol=1e-6, atol=1e-6)
 
 
 def test_num_steps_without_support_raises(plain_model):

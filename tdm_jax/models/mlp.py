@@ -74,9 +74,9 @@ class MLPDenoiser(nn.Module):
     Label `num_classes` is the null label used for classifier-free guidance.
     With `max_num_steps > 0` the student can be told its sampling step count;
     that embedding is zero-initialised so a student initialised from the
-    teacher starts out computing exactly the teacher's function. Table row 0
-    means "unspecified" (used when num_steps is None); counts are clipped to
-    [0, max_num_steps].
+    teacher starts out computing exactly the teacher's function. num_steps None
+    (the teacher) adds nothing, so pretraining leaves the table at zero; counts
+    are clipped to [0, max_num_steps].
     """
 
     dim: int
@@ -125,11 +125,14 @@ class MLPDenoiser(nn.Module):
                 ),
                 name="num_steps_embed",
             )
-            if num_steps is None:
-                num_steps = jnp.zeros((batch,), jnp.int32)
-            ns = jnp.clip(jnp.broadcast_to(jnp.asarray(num_steps, jnp.int32), (batch,)),
-                          0, self.max_num_steps)
-            emb = emb + steps_embed(ns)
+            if num_steps is not None:
+                ns = jnp.clip(jnp.broadcast_to(jnp.asarray(num_steps, jnp.int32), (batch,)),
+                              0, self.max_num_steps)
+                emb = emb + steps_embed(ns)
+            else:
+                # Unspecified (the teacher): no row at all, so teacher training never moves
+                # the table and every row stays zero until the student trains it.
+                steps_embed(jnp.zeros((batch,), jnp.int32))
 
         h = _dense(self.width, _KERNEL_OUT, "in_proj", self.dtype)(x_t.astype(self.dtype))
         for i in range(self.depth):
