@@ -83,6 +83,10 @@ def diffusers_config(**model) -> ml_collections.ConfigDict:
         lora_rank=0, lora_alpha=0.0,  # alpha 0: alpha = rank (scale 1)
         lora_targets=lora.DEFAULT_TARGETS))
     config.model.update(model)
+    # S = the teacher's num_train_timesteps (1000 for SD and SDXL): a stock DDIM scheduler with "trailing"
+    # spacing then gives the student's timesteps (999/749/499/249 for K = 4), so the exported student
+    # samples right in a stock Diffusers call (tdm_jax/convert/student.py).
+    config.tdm.total_steps = 1000
     config.teacher = ml_collections.ConfigDict(dict(
         pipeline="",  # a Diffusers folder (model_index.json, unet/, text_encoder*/, vae/, ...)
         converted="",  # a converted checkpoint folder to reuse (default: WORKDIR/converted)

@@ -13,6 +13,7 @@ teacher (the paper's SDXL recipe); with 0 they are float32 copies.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import NamedTuple, Optional
@@ -23,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from tdm_jax import data, lora, pipeline, rng, sharding
+from tdm_jax import data, lora, pipeline, rng, sharding, tdm
 from tdm_jax.convert import folders
 from tdm_jax.convert import lora as lora_io
 from tdm_jax.convert import pipeline as pipeline_io
+from tdm_jax.convert import student as student_io
 from tdm_jax.convert import unet as unet_io
 from tdm_jax.models.clip import ClipConfig, CLIPTextEncoder
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
@@ -87,16 +89,35 @@ def lora_config(config) -> Optional[lora.LoraConfig]:
 
 
 def unet_apply(model: UNet2DConditionModel):
-  """`apply(params, x_t, t, cond, adapters=None)` over the UNet: cond holds encoder_hidden_states
-  (+ SDXL's extras); adapters, when given, are its "lora" collection (see `lora.adapters_applied`)."""
+  """`apply(params, x_t, t, cond, adapters=None, num_steps=None)` over the UNet: cond holds
+  encoder_hidden_states (+ SDXL's extras); adapters, when given, are its "lora" collection (see
+  `lora.adapters_applied`); num_steps, a unified student's K, its class label (`step_conditioned`)."""
   text_time = model.config.addition_embed_type == "text_time"
 
-  def forward(params, x_t, t, cond, adapters=None):
+  def forward(params, x_t, t, cond, adapters=None, num_steps=None):
     variables = {"params": params} if adapters is None else {"params": params, "lora": adapters}
     extra = dict(added_cond_kwargs={"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}) if text_time else {}
+    if num_steps is not None:
+      extra["class_labels"] = num_steps
     return model.apply(variables, x_t, t, cond["encoder_hidden_states"], **extra)
 
   return forward
+
+
+def step_conditioned(unet_config: UNetConfig, step_choices) -> UNetConfig:
+  """The unified student's UNet: the teacher's plus a table of K embeddings (rows 0..max K) added to
+  the time embedding, Diffusers' `num_class_embeds` mechanism; `with_step_table` starts it at zero."""
+  if unet_config.num_class_embeds is not None:
+    raise ValueError(f"the teacher's UNet already has num_class_embeds={unet_config.num_class_embeds}; "
+                     f"tdm.step_choices needs that slot for the step count: leave tdm.step_choices empty")
+  return dataclasses.replace(unet_config, num_class_embeds=max(step_choices) + 1)
+
+
+def with_step_table(params, unet_config: UNetConfig, step_choices):
+  """`params` plus the unified student's all-zero K table: it computes exactly the teacher's function."""
+  rows = step_conditioned(unet_config, step_choices).num_class_embeds
+  return {**params, student_io.STEP_EMBEDDING: {"embedding": jnp.zeros((rows, unet_config.time_embed_dim),
+                                                                       jnp.float32)}}
 
 
 def lora_unet_apply(model: UNet2DConditionModel, cfg: lora.LoraConfig):
@@ -239,10 +260,12 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
   compile the step (benchmarks/memory.py), nothing to run.
   """
   del progress  # conversion has no progress bar
-  if config.tdm.step_choices:
-    raise ValueError("tdm.step_choices (step-count conditioning) needs a UNet with a step embedding; "
-                     "Diffusers UNets have none: leave tdm.step_choices empty")
   lora_cfg = lora_config(config)
+  choices = tuple(config.tdm.step_choices)
+  if choices and lora_cfg is not None:
+    raise ValueError("tdm.step_choices with a LoRA student (model.lora_rank > 0) is not supported yet: its step "
+                     "table is not a LoRA weight and the LoRA files could not carry it; use full copies "
+                     "(--config.model.lora_rank=0) or leave tdm.step_choices empty")
   c = components(config, workdir)
   unet_config = c.unet_config
   dtype = jnp.dtype(config.model.dtype)
@@ -297,17 +320,41 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
   latent = resolution // factor
   apply = unet_apply(model)
   full_copy = lambda teacher, key: jax.tree.map(lambda x: x.astype(jnp.float32), teacher)
+  student_apply = trainable_axes = None
+  if choices:  # unified TDM: student and fake score are told K through a zero-initialised table
+    student_apply = unet_apply(model.clone(config=step_conditioned(unet_config, choices)))
+    full_copy = lambda teacher, key: with_step_table(jax.tree.map(lambda x: x.astype(jnp.float32), teacher),
+                                                     unet_config, choices)
+    trainable_axes = {**c.axes["unet"], student_io.STEP_EMBEDDING: {"embedding": ("classes", "embed")}}
   return Task(apply=apply, teacher_params=frozen["unet"], schedule=schedule,
               sample_shape=(unet_config.in_channels, latent, latent), batch=batch, local_batch=local_batch,
+              student_apply=student_apply, fake_apply=student_apply,
               student_init=None if lora_cfg else full_copy, fake_init=None if lora_cfg else full_copy,
               lora=lora_cfg, lora_apply=lora_unet_apply(model, lora_cfg) if lora_cfg else None,
-              param_axes=c.axes["unet"], conditioner={k: v for k, v in frozen.items() if k != "unet"},
+              param_axes=c.axes["unet"], trainable_axes=trainable_axes,
+              conditioner={k: v for k, v in frozen.items() if k != "unet"},
               conditioner_axes={enc: c.axes[enc] for _, enc in c.encoder_names}, condition=condition)
 
 
+def exported_step_counts(config) -> tuple:
+  """The step counts the student was trained for: one exported pipeline folder each when unified."""
+  return tdm.TDMConfig.from_config(config.tdm).all_step_counts
+
+
+def exported_pipeline(config, workdir: str, num_steps: int) -> str:
+  """WORKDIR/export/pipeline, or a unified student's WORKDIR/export/pipeline_{K}step."""
+  name = f"pipeline_{num_steps}step" if config.tdm.step_choices else "pipeline"
+  return os.path.join(workdir, "export", name)
+
+
 def export(config, workdir: str, student_params) -> str:
-  """The distilled student under WORKDIR/export: `unet/` (Diffusers UNet folder) and `pipeline/` (the whole
-  pipeline with the student's UNet); a LoRA student also as `lora/pytorch_lora_weights.safetensors`
+  """The distilled student under WORKDIR/export, made for stock Diffusers calls
+  (`convert/student.py`): a DDIM "trailing" scheduler that gives the student's timesteps, and a
+  UNet that pipelines run without classifier-free guidance.
+
+  `pipeline/` (the whole pipeline) and `unet/`; a unified student (tdm.step_choices) one of each per
+  trained K, `pipeline_{K}step/` and `unet_{K}step/`, its K folded into the UNet (the text encoders and
+  VAE are linked from the first). A LoRA student also as `lora/pytorch_lora_weights.safetensors`
   (Diffusers' `load_lora_weights`) and `lora_kohya.safetensors` (ComfyUI / A1111 / kohya key format),
   the merged folders holding the full-precision base plus its adapters."""
   if is_shape_only(config, workdir):
@@ -325,9 +372,27 @@ def export(config, workdir: str, student_params) -> str:
     lora_io.save_kohya_lora(os.path.join(dest, "lora_kohya.safetensors"), student, lora_cfg, unet_config)
     base = jax.tree.map(lambda x: np.asarray(x, np.float32), trees["unet"])
     student = jax.device_get(lora.merge(base, student, lora_cfg))
-  pipeline_io.export_unet(student, unet_config, os.path.join(dest, "unet"))
-  trees["unet"] = student
-  pipeline_io.export_pipeline(files, trees, os.path.join(dest, "pipeline"))
+  total_steps = int(config.tdm.total_steps)
+  scheduler = student_io.scheduler_config(folders.read_config(folders.component_path(files, "scheduler")))
+  counts = exported_step_counts(config)
+  bad = student_io.mismatched_counts(scheduler, total_steps, counts)
+  if bad:
+    logging.warning("tdm.total_steps=%d: a stock Diffusers scheduler cannot give the student's timesteps at %s "
+                    "steps (set tdm.total_steps to the teacher's num_train_timesteps, %s); the exported pipeline "
+                    "samples right only with our sampler", total_steps, bad, scheduler.get("num_train_timesteps"))
+  first = None
+  for k in counts:
+    params, config_k = student, unet_config
+    if config.tdm.step_choices:
+      params, config_k = student_io.fold_step_embedding(student, unet_config, k)
+    params, config_k = student_io.guidance_free(params, config_k)
+    suffix = f"_{k}step" if config.tdm.step_choices else ""
+    pipeline_io.export_unet(params, config_k, os.path.join(dest, "unet" + suffix))
+    folder = exported_pipeline(config, workdir, k)
+    pipeline_io.export_pipeline(files, {"unet": params} if first else {**trees, "unet": params}, folder,
+                                configs={"unet": config_k, "scheduler": scheduler}, shared_from=first)
+    student_io.write_metadata(folder, total_steps, [k] if config.tdm.step_choices else counts)
+    first = first or folder
   return dest
 
 
@@ -366,9 +431,15 @@ def evaluate(config, workdir: str, task: Task, student_params) -> list:
                functools.partial(sample.teacher_sample, task.apply, num_steps=n,
                                  guidance_scale=cfg.guidance_scale, spacing="trailing"), (uncond,))
               for n in e.teacher_steps]
+  trained = exported_step_counts(config)
+  untrained = [n for n in e.student_steps if n not in trained]
+  if untrained:
+    logging.warning("eval.student_steps %s: the student was trained for %s steps only; those rows show it "
+                    "used off its training grid", untrained, list(trained))
   samplers += [(f"TDM student, {n} steps", "student", n, student_params,
-                functools.partial(sample.student_sample, task.apply, num_steps=n,
-                                  total_steps=cfg.total_steps, solver=e.student_solver), ())
+                functools.partial(sample.student_sample, task.student_apply or task.apply, num_steps=n,
+                                  total_steps=cfg.total_steps, solver=e.student_solver,
+                                  step_conditioning=bool(cfg.step_choices)), ())
                for n in e.student_steps]
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
   columns = min(len(prompts), 8)

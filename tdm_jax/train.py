@@ -54,6 +54,8 @@ class Task:
     `apply(lora.merge(base, adapters))`).
   param_axes / conditioner_axes: trees of logical axis names (tuples) of the teacher's and the
     conditioner's parameters, for the sharding rules; None leaves only the fsdp size guard.
+  trainable_axes: those of full-copy student and fake score when their tree is not the teacher's
+    (e.g. a unified student's extra step table).
   """
   apply: Callable
   teacher_params: PyTree
@@ -67,6 +69,7 @@ class Task:
   lora: Optional[lora.LoraConfig] = None
   lora_apply: Optional[Callable] = None
   param_axes: Optional[PyTree] = None
+  trainable_axes: Optional[PyTree] = None
   conditioner: Optional[PyTree] = None
   conditioner_axes: Optional[PyTree] = None
   condition: Optional[Callable] = None
@@ -167,8 +170,15 @@ def _trainable_axes(task: Task, abstract_trainable):
     return None
   if task.lora is not None:
     return lora.adapter_axes(task.param_axes, abstract_trainable)
-  same = jax.tree.structure(abstract_trainable) == jax.tree.structure(task.teacher_params)
-  return task.param_axes if same else None
+  for axes in (task.trainable_axes, task.param_axes):
+    if axes is not None and _same_structure(abstract_trainable, axes):
+      return axes
+  return None
+
+
+def _same_structure(tree, axes) -> bool:
+  is_axes = lambda x: isinstance(x, tuple) or x is None
+  return jax.tree.structure(tree) == jax.tree.structure(jax.tree.map(lambda _: 0, axes, is_leaf=is_axes))
 
 
 def plan(task: Task, config, mesh) -> Plan:

@@ -126,23 +126,37 @@ def export_unet(params: PyTree, unet_config: dict, out_dir: str, *, dtype=np.flo
   return export_component("unet", params, unet_config, out_dir, dtype=dtype)
 
 
-def export_pipeline(pipeline_files: str, trees: dict, out_dir: str, *, dtype=np.float32) -> str:
+def export_pipeline(pipeline_files: str, trees: dict, out_dir: str, *, dtype=np.float32, configs=None,
+                    shared_from: Optional[str] = None) -> str:
   """A whole pipeline folder from the small files of `pipeline_files` and our trees per component.
 
   `trees` maps component names (unet, text_encoder, text_encoder_2, vae) to parameter trees; pass
-  the distilled student as "unet". Written to a temporary folder and renamed when complete.
+  the distilled student as "unet". `configs` replaces components' configs (e.g. the student's UNet;
+  "scheduler" also names its class in model_index.json). `shared_from`: an exported pipeline whose
+  other model components this one links to instead of writing them again (GBs at SDXL's size).
+  Written to a temporary folder and renamed when complete.
   """
+  configs = dict(configs or {})
   missing = [name for name in present_components(pipeline_files) if name not in trees]
-  if missing:
+  if missing and shared_from is None:
     raise ValueError(f"no parameters given for the pipeline components {missing}")
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
   try:
     _copy_small_files(pipeline_files, staging)
+    for name in missing:
+      shutil.rmtree(os.path.join(staging, name))
+      os.symlink(os.path.relpath(os.path.join(shared_from, name), os.path.abspath(out_dir)),
+                 os.path.join(staging, name))
     for name, params in trees.items():
-      config = folders.read_config(folders.component_path(pipeline_files, name))
+      config = configs.get(name) or folders.read_config(folders.component_path(pipeline_files, name))
       export_component(name, params, config, os.path.join(staging, name), dtype=dtype)
+    if "scheduler" in configs:
+      folders.write_json(os.path.join(staging, "scheduler", "scheduler_config.json"), configs["scheduler"])
+      index = folders.read_model_index(staging)
+      index["scheduler"] = [index.get("scheduler", ["diffusers"])[0], configs["scheduler"]["_class_name"]]
+      folders.write_json(os.path.join(staging, folders.MODEL_INDEX), index)
     if os.path.exists(out_dir):
       shutil.rmtree(out_dir)
     os.replace(staging, out_dir)

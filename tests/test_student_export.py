@@ -1,0 +1,147 @@
+"""One unified student for 1, 2 and 4 steps on a Diffusers UNet, exported so that a stock Diffusers
+call with only prompts, the step count and the latents makes our sampler's images."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO  # noqa: F401 (puts the repo on sys.path)
+import tiny_pipeline
+
+from tdm_jax import diffusers_task, sample, train
+from tdm_jax import main as tdm_main
+from tdm_jax.convert import folders
+from tdm_jax.convert import pipeline as pipeline_io
+from tdm_jax.convert import student as student_io
+from tdm_jax.models.vae import AutoencoderKL, VAEConfig
+
+CHOICES = (1, 2, 4)
+PROMPTS = ["a red circle", "a blue square on white background"]
+
+
+def _config(pipeline_dir, prompt_file):
+  from configs import sdxl  # pylint: disable=g-import-not-at-top
+  config = sdxl.get_config()
+  config.teacher.pipeline = str(pipeline_dir)
+  config.data.prompt_file = str(prompt_file)
+  config.model.resolution = 16
+  config.model.dtype = "float32"
+  config.model.teacher_dtype = "float32"
+  config.model.remat = False
+  config.model.lora_rank = 0  # full copies: the unified student's step table is a weight of its own
+  config.tdm.step_choices = CHOICES
+  config.optim.student_lr = 1e-3  # large, so that three iterations move the student visibly
+  config.optim.student_warmup_steps = 0
+  config.train.batch_size = 2
+  config.train.num_iterations = 3
+  config.train.checkpoint_every = 3
+  config.train.progress = False
+  config.train.evaluate_after = False
+  config.train.export_after = False
+  return config
+
+
+@pytest.fixture(scope="module")
+def unified(tmp_path_factory):
+  root = tmp_path_factory.mktemp("unified")
+  tiny_pipeline.make_tiny_sdxl_pipeline(root / "pipeline", transformer_depth=(1, 1))
+  prompt_file = root / "prompts.txt"
+  prompt_file.write_text("\n".join(PROMPTS) + "\n")
+  config = _config(root / "pipeline", prompt_file)
+  workdir = str(root / "work")
+  state = tdm_main.run(config, workdir, "train")
+  task = diffusers_task.build_task(config, workdir)
+  return config, workdir, task, state
+
+
+def _our_images(config, workdir, task, params, z, num_steps):
+  """Our sampler at K = num_steps and the VAE, as images in [0, 1] (NHWC) like Diffusers' "np" output."""
+  converted = os.path.join(workdir, "converted")
+  files = os.path.join(converted, "pipeline")
+  trees = pipeline_io.load_converted(converted)
+  cond, _ = diffusers_task.prompt_encoder(files, trees, config.model.resolution)(PROMPTS)
+  latents = sample.student_sample(task.student_apply, params, task.schedule, jnp.asarray(z), cond,
+                                  num_steps=num_steps, total_steps=config.tdm.total_steps, step_conditioning=True)
+  vae = AutoencoderKL(VAEConfig.from_dict(folders.read_config(os.path.join(files, "vae"))))
+  images = np.asarray(vae.images_from_latents(trees["vae"], latents))
+  return np.clip(images.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
+
+
+def test_unified_student_and_fake_score_start_equal_to_the_teacher(unified):
+  config, _, task, _ = unified
+  p = train.plan(task, config, jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1),
+                                                 ("data", "fsdp", "tensor")))
+  fresh = train.initial_state(task, config, p, task.teacher_params)
+  table = fresh.student_params[student_io.STEP_EMBEDDING]["embedding"]
+  assert table.shape[0] == max(CHOICES) + 1 and float(jnp.abs(table).max()) == 0.0
+  cond, _ = task.conditioning(task.conditioner, task.batch(0, 2))
+  x = jax.random.normal(jax.random.key(1), (2, 4, 8, 8))
+  t = jnp.array([999, 400])
+  teacher = task.apply(task.teacher_params, x, t, cond)
+  for k in CHOICES:
+    for params in (fresh.student_params, fresh.fake_params):
+      ours = task.student_apply(params, x, t, cond, num_steps=jnp.full((2,), k))
+      np.testing.assert_array_equal(np.asarray(ours), np.asarray(teacher))
+
+
+def test_stock_diffusers_call_makes_our_images_for_every_trained_step_count(unified):
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffusers import StableDiffusionXLPipeline  # pylint: disable=g-import-not-at-top
+  config, workdir, task, state = unified
+  export = tdm_main.run(config, workdir, "export")
+  assert sorted(n for n in os.listdir(export) if n.startswith("pipeline")) == [f"pipeline_{k}step" for k in CHOICES]
+  params = train.sampling_params(task, train.student_params(state))
+  z = np.random.default_rng(0).standard_normal((len(PROMPTS), 4, 8, 8)).astype(np.float32)
+  seen = []
+  for k in CHOICES:
+    pipe = StableDiffusionXLPipeline.from_pretrained(os.path.join(export, f"pipeline_{k}step"),
+                                                     add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(PROMPTS, num_inference_steps=k, latents=torch.from_numpy(z), output_type="np").images
+    assert [int(t) for t in pipe.scheduler.timesteps] == [999 - j * 1000 // k for j in range(k)]
+    ours = _our_images(config, workdir, task, params, z, k)
+    np.testing.assert_allclose(theirs, ours, atol=2e-4, err_msg=f"K={k}")
+    seen.append(ours)
+  assert np.abs(seen[0] - seen[-1]).max() > 1e-2  # K matters, so the test could fail
+
+
+def test_exported_folder_refuses_untrained_counts_and_a_swapped_scheduler(unified, tmp_path):
+  config, workdir, _, _ = unified
+  folder = diffusers_task.exported_pipeline(config, workdir, 2)
+  if not os.path.isdir(folder):
+    tdm_main.run(config, workdir, "export")
+  student_io.check_folder(folder, 2)
+  with pytest.raises(ValueError, match=r"trained for \[2\] steps, not 4"):
+    student_io.check_folder(folder, 4)
+  copy = str(tmp_path / "swapped")
+  shutil.copytree(folder, copy, symlinks=True)
+  path = os.path.join(copy, "scheduler", "scheduler_config.json")
+  with open(path, "w") as f:
+    json.dump(dict(tiny_pipeline.SDXL_SCHEDULER, _class_name="EulerDiscreteScheduler"), f)
+  with pytest.raises(ValueError, match="does not give the student's timesteps"):
+    student_io.check_folder(copy, 2)
+
+
+def test_step_table_folds_into_the_time_embedding_exactly():
+  rng = np.random.default_rng(0)
+  params = {"time_embedding": {"linear_1": {"kernel": rng.standard_normal((8, 16))},
+                               "linear_2": {"kernel": rng.standard_normal((16, 16)), "bias": rng.standard_normal(16)}},
+            student_io.STEP_EMBEDDING: {"embedding": rng.standard_normal((5, 16))}}
+  folded, config = student_io.fold_step_embedding(params, {"num_class_embeds": 5, "sample_size": 8}, 4)
+  assert student_io.STEP_EMBEDDING not in folded and config == {"sample_size": 8}
+  want = params["time_embedding"]["linear_2"]["bias"] + params[student_io.STEP_EMBEDDING]["embedding"][4]
+  np.testing.assert_allclose(folded["time_embedding"]["linear_2"]["bias"], want, rtol=1e-6)
+  with pytest.raises(ValueError, match="cannot fold K=5"):
+    student_io.fold_step_embedding(params, {}, 5)
+
+
+def test_a_total_step_count_no_stock_scheduler_reproduces_is_named():
+  config = student_io.scheduler_config(tiny_pipeline.SDXL_SCHEDULER)
+  assert student_io.mismatched_counts(config, 1000, (1, 2, 4, 5, 8)) == []
+  assert student_io.mismatched_counts(config, 1000, (3,)) == [3]  # trailing rounds 666.7 differently
+  assert student_io.mismatched_counts(config, 800, (4,)) == [4]
