@@ -26,6 +26,8 @@ def _config(pipeline_dir, prompt_file):
   config.model.attention = "auto"
   config.model.remat = False
   config.tdm.guidance_scale = 2.0
+  config.optim.student_lr = 1e-2  # large, so that two iterations move the adapters visibly
+  config.optim.student_warmup_steps = 0
   config.train.batch_size = jax.device_count()
   config.train.num_iterations = 2
   config.train.checkpoint_every = 2
@@ -88,6 +90,31 @@ def test_exported_student_loads_in_diffusers_and_matches(distilled):
   assert np.max(np.abs(teacher - ours)) > 0
   pipe = StableDiffusionXLPipeline.from_pretrained(os.path.join(export, "pipeline"), add_watermarker=False)
   assert pipe.unet.config.sample_size == 8
+
+
+def test_lora_files_in_the_teacher_pipeline_sample_like_the_exported_student(distilled):
+  """Both LoRA files, loaded into the teacher's own pipeline with `load_lora_weights`, make the images of
+  the exported (merged) pipeline, given the call README.md shows: the student's scheduler, no guidance."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffusers import DDIMScheduler, StableDiffusionXLPipeline  # pylint: disable=g-import-not-at-top
+  _, config, workdir, _ = distilled
+  export = os.path.join(workdir, "export")
+  prompts = ["a red circle", "a blue square on white background"]
+  latents = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32))
+  k = config.tdm.num_student_steps
+  merged = StableDiffusionXLPipeline.from_pretrained(os.path.join(export, "pipeline"), add_watermarker=False)
+  merged.set_progress_bar_config(disable=True)
+  want = merged(prompts, num_inference_steps=k, latents=latents, output_type="np").images
+  teacher = StableDiffusionXLPipeline.from_pretrained(config.teacher.pipeline, add_watermarker=False)
+  teacher.set_progress_bar_config(disable=True)
+  teacher.scheduler = DDIMScheduler.from_pretrained(os.path.join(export, "pipeline"), subfolder="scheduler")
+  plain = teacher(prompts, num_inference_steps=k, guidance_scale=1.0, latents=latents, output_type="np").images
+  assert np.abs(plain - want).max() > 1e-3  # the adapters matter, so the comparison below can fail
+  for source, name in ((os.path.join(export, "lora"), None), (export, "lora_kohya.safetensors")):
+    teacher.load_lora_weights(source, weight_name=name)
+    got = teacher(prompts, num_inference_steps=k, guidance_scale=1.0, latents=latents, output_type="np").images
+    teacher.unload_lora_weights()
+    np.testing.assert_allclose(got, want, atol=2e-4, err_msg=name or "diffusers format")
 
 
 def test_missing_prompt_file_is_named(distilled, tmp_path):
