@@ -61,6 +61,10 @@ def get_config() -> ml_collections.ConfigDict:
       # sampled samples_per_prompt times; classifier: an attribute-classifier folder that scores
       # shapes captions (FD, adherence, diversity), "" for none.
       prompt_file="", samples_per_prompt=1, classifier=""))
+  # --mode=sample (Diffusers pipelines; prompts from --prompt / --prompt_file): the student of checkpoint
+  # `checkpoint` (-1: the latest) at `student_steps` (empty: the counts it was trained for), beside the
+  # teacher at `teacher_steps` with CFG (0: no teacher), all from the noise of `seed`.
+  config.sample = ml_collections.ConfigDict(dict(checkpoint=-1, student_steps=(), teacher_steps=25, seed=0))
   config.lock()
   return config
 

@@ -396,9 +396,90 @@ def export(config, workdir: str, student_params) -> str:
   return dest
 
 
+def _samplers(config, task: Task, student_params, uncond, teacher_steps, student_steps) -> list:
+  """(name, role, nfe, params, fn, extra args) per sampler: the teacher with CFG on Diffusers' "trailing"
+  grid, the student on its own timesteps. Weights are arguments of the compiled samplers, never
+  constants baked into them (GBs at SDXL size)."""
+  from tdm_jax import sample  # pylint: disable=g-import-not-at-top
+  cfg = config.tdm
+  calls = 1 if cfg.guidance_scale == 1.0 else 2
+  samplers = [(f"teacher, {n} DDIM steps, CFG {cfg.guidance_scale}", "teacher", calls * n, task.teacher_params,
+               functools.partial(sample.teacher_sample, task.apply, num_steps=n,
+                                 guidance_scale=cfg.guidance_scale, spacing="trailing"), (uncond,))
+              for n in teacher_steps]
+  trained = exported_step_counts(config)
+  untrained = [n for n in student_steps if n not in trained]
+  if untrained:
+    logging.warning("student steps %s: the student was trained for %s steps only; those images show it "
+                    "used off its training grid", untrained, list(trained))
+  if cfg.step_choices and any(n > max(cfg.step_choices) for n in student_steps):
+    raise ValueError(f"student steps {list(student_steps)}: a unified student has step embeddings for "
+                     f"K <= {max(cfg.step_choices)} only (tdm.step_choices={tuple(cfg.step_choices)})")
+  samplers += [(f"TDM student, {n} steps", "student", n, sampling_params(task, student_params),
+                functools.partial(sample.student_sample, task.student_apply or task.apply, num_steps=n,
+                                  total_steps=cfg.total_steps, solver=config.eval.student_solver,
+                                  step_conditioning=bool(cfg.step_choices)), ())
+               for n in student_steps]
+  return samplers
+
+
+class _Renderer(NamedTuple):
+  """Prompts -> images through our samplers, from one set of noise."""
+  files: str
+  trees: dict
+  cond: object
+  uncond: object
+  z: jax.Array
+
+  def images(self, task: Task, sampler):
+    """(uint8 NHWC pixels, ms for the batch, compilation excluded) of one sampler."""
+    from tdm_jax import sample  # pylint: disable=g-import-not-at-top
+    from tdm_jax.models.vae import AutoencoderKL, VAEConfig  # pylint: disable=g-import-not-at-top
+    vae = AutoencoderKL(VAEConfig.from_dict(folders.read_config(folders.component_path(self.files, "vae"))))
+    _, _, _, params, fn, extra = sampler
+    generate = lambda params, vae_params, schedule, z, c, *x: vae.images_from_latents(
+        vae_params, fn(params, schedule, z, c, *x))
+    images, ms = sample.timed(generate, params, self.trees["vae"], task.schedule, self.z, self.cond, *extra)
+    return sample.to_uint8(images), ms
+
+
+def _renderer(config, workdir: str, task: Task, prompts, key) -> _Renderer:
+  out = ensure_converted(config, workdir)
+  files = os.path.join(out, "pipeline")
+  trees = pipeline_io.load_converted(out)
+  cond, uncond = prompt_encoder(files, trees, task.sample_shape[-1] * vae_scale_factor(files))(prompts)
+  z = jax.random.normal(key, (len(prompts),) + tuple(task.sample_shape))
+  return _Renderer(files, trees, cond, uncond, z)
+
+
+def stock_diffusers_images(folder: str, prompts, z, num_steps: int, chunk: int = 64):
+  """(uint8 NHWC pixels, ms) of the exported pipeline `folder` called as a Diffusers user would:
+  prompts, the step count and the latents, nothing else. None when torch is not installed."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import diffusers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  import time  # pylint: disable=g-import-not-at-top
+  student_io.check_folder(folder, num_steps)
+  pipe = diffusers.DiffusionPipeline.from_pretrained(folder, **(
+      {"add_watermarker": False} if "text_encoder_2" in folders.read_model_index(folder) else {}))
+  pipe.set_progress_bar_config(disable=True)
+  latents = torch.from_numpy(np.asarray(z, np.float32))
+  began, out = time.perf_counter(), []
+  with torch.no_grad():
+    for i in range(0, len(prompts), chunk):
+      out.append(pipe(list(prompts[i:i + chunk]), num_inference_steps=num_steps, latents=latents[i:i + chunk],
+                      output_type="np").images)
+  ms = 1000.0 * (time.perf_counter() - began)
+  return np.clip(np.round(np.concatenate(out) * 255.0), 0, 255).astype(np.uint8), ms
+
+
 def evaluate(config, workdir: str, task: Task, student_params) -> list:
   """One table row per sampler: the teacher with CFG at each of `eval.teacher_steps`, the student at
-  each of `eval.student_steps`, all on the same prompts and the same noise.
+  each of `eval.student_steps`, all on the same prompts and the same noise; then, when torch is
+  installed and the student was exported, the exported pipeline called by stock Diffusers at each
+  trained step count (what a Diffusers user gets).
 
   `eval.num_samples` prompts, each sampled `eval.samples_per_prompt` times (other noise). Rows hold
   NFE and ms per image (sampling + VAE decode of the whole batch, compilation excluded); with
@@ -407,49 +488,22 @@ def evaluate(config, workdir: str, task: Task, student_params) -> list:
   WORKDIR/eval/comparison.png (a row per sampler, real images first when there are any).
   """
   from tdm_jax import evaluator, sample  # pylint: disable=g-import-not-at-top
-  from tdm_jax.models.vae import AutoencoderKL, VAEConfig  # pylint: disable=g-import-not-at-top
   if is_shape_only(config, workdir):
     raise ValueError("this run has random weights (no teacher.pipeline) and no VAE or tokenizer to evaluate "
                      "with; set --config.train.evaluate_after=False for shape-only runs")
-  student_params = sampling_params(task, student_params)
-  out = ensure_converted(config, workdir)
-  files = os.path.join(out, "pipeline")
-  trees = pipeline_io.load_converted(out)
-  e, cfg = config.eval, config.tdm
+  e = config.eval
   prompts = data.read_prompts(e.prompt_file or config.data.prompt_file)[:e.num_samples]
   if e.samples_per_prompt < 1:
     raise ValueError(f"eval.samples_per_prompt must be >= 1, got {e.samples_per_prompt}")
   batch_prompts = [p for p in prompts for _ in range(e.samples_per_prompt)]
   firsts = np.arange(0, len(batch_prompts), e.samples_per_prompt)  # one image per prompt, for the grids
-  cond, uncond = prompt_encoder(files, trees, task.sample_shape[-1] * vae_scale_factor(files))(batch_prompts)
-  z = jax.random.normal(rng.derive(config.seed, 0, rng.Role.EVAL), (len(batch_prompts),) + tuple(task.sample_shape))
-  vae = AutoencoderKL(VAEConfig.from_dict(folders.read_config(folders.component_path(files, "vae"))))
+  r = _renderer(config, workdir, task, batch_prompts, rng.derive(config.seed, 0, rng.Role.EVAL))
   scorer = evaluator.PromptScorer(e.classifier, batch_prompts) if e.classifier else None
-  calls = 1 if cfg.guidance_scale == 1.0 else 2
-  # Weights are arguments of the compiled samplers, never constants baked into them (GBs at SDXL size).
-  samplers = [(f"teacher, {n} DDIM steps, CFG {cfg.guidance_scale}", "teacher", calls * n, task.teacher_params,
-               functools.partial(sample.teacher_sample, task.apply, num_steps=n,
-                                 guidance_scale=cfg.guidance_scale, spacing="trailing"), (uncond,))
-              for n in e.teacher_steps]
-  trained = exported_step_counts(config)
-  untrained = [n for n in e.student_steps if n not in trained]
-  if untrained:
-    logging.warning("eval.student_steps %s: the student was trained for %s steps only; those rows show it "
-                    "used off its training grid", untrained, list(trained))
-  samplers += [(f"TDM student, {n} steps", "student", n, student_params,
-                functools.partial(sample.student_sample, task.student_apply or task.apply, num_steps=n,
-                                  total_steps=cfg.total_steps, solver=e.student_solver,
-                                  step_conditioning=bool(cfg.step_choices)), ())
-               for n in e.student_steps]
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
   columns = min(len(prompts), 8)
   rows, comparison = [], [scorer.real[firsts[:columns]]] if scorer else []
-  for name, role, nfe, params, fn, extra in samplers:
-    generate = lambda params, vae_params, schedule, z, c, *x, fn=fn: vae.images_from_latents(
-        vae_params, fn(params, schedule, z, c, *x))
-    images, ms = sample.timed(generate, params, trees["vae"], task.schedule, z, cond, *extra)
-    pixels = sample.to_uint8(images)
-    slug = f"{role}_{nfe}nfe"
+
+  def add_row(name, role, nfe, slug, pixels, ms):
     sample.save_pixel_grid(pixels[firsts], os.path.join(workdir, "eval", f"{slug}.png"), columns=columns, upscale=2,
                            pad=2)
     comparison.append(pixels[firsts[:columns]])
@@ -458,6 +512,50 @@ def evaluate(config, workdir: str, task: Task, student_params) -> list:
       row.update(scorer(pixels))
     row.update(ms_per_image=ms / len(batch_prompts), grid=f"eval/{slug}.png")
     rows.append(row)
+
+  for sampler in _samplers(config, task, student_params, r.uncond, e.teacher_steps, e.student_steps):
+    name, role, nfe = sampler[:3]
+    add_row(name, role, nfe, f"{role}_{nfe}nfe", *r.images(task, sampler))
+  for k in [k for k in e.student_steps if k in exported_step_counts(config)]:
+    folder = exported_pipeline(config, workdir, k)
+    if not os.path.isdir(folder):
+      break  # not exported (train.export_after False): nothing a Diffusers user would load
+    stock = stock_diffusers_images(folder, batch_prompts, r.z, k)
+    if stock is None:
+      logging.warning("torch is not installed: the evaluation skips the exported pipeline's stock Diffusers rows")
+      break
+    add_row(f"exported pipeline in stock Diffusers, {k} steps", "diffusers", k, f"diffusers_{k}nfe", *stock)
   sample.save_pixel_grid(np.concatenate(comparison), os.path.join(workdir, "eval", "comparison.png"),
                          columns=columns, upscale=2, pad=2)
   return rows
+
+
+def sample_prompts(config, workdir: str, task: Task, student_params, prompts, checkpoint_step: int) -> str:
+  """`--mode=sample`: the student at `sample.student_steps` (default: the counts it was trained for) and
+  the teacher at `sample.teacher_steps` with CFG, all from the same noise, as PNGs
+  (WORKDIR/samples/<step>/<sampler>/<i>.png) and one grid (a row per sampler, a column per prompt)."""
+  from tdm_jax import sample  # pylint: disable=g-import-not-at-top
+  if is_shape_only(config, workdir):
+    raise ValueError("this run has random weights (no teacher.pipeline): nothing worth sampling")
+  if not prompts:
+    raise ValueError("no prompts to sample: pass --prompt=TEXT (repeatable) or --prompt_file=FILE")
+  s = config.sample
+  student_steps = tuple(s.student_steps) or exported_step_counts(config)
+  teacher_steps = (s.teacher_steps,) if s.teacher_steps else ()
+  r = _renderer(config, workdir, task, list(prompts), rng.derive(s.seed, 0, rng.Role.EVAL))
+  out = os.path.join(workdir, "samples", str(checkpoint_step))
+  rows = []
+  for sampler in _samplers(config, task, student_params, r.uncond, teacher_steps, student_steps):
+    name, role, nfe = sampler[:3]
+    pixels, _ = r.images(task, sampler)
+    slug = f"teacher_{nfe // (1 if config.tdm.guidance_scale == 1.0 else 2)}steps" if role == "teacher" else \
+        f"student_{nfe}steps"
+    os.makedirs(os.path.join(out, slug), exist_ok=True)
+    for i, image in enumerate(pixels):
+      sample.save_pixel_grid(image[None], os.path.join(out, slug, f"{i:03d}.png"), columns=1)
+    rows.append(pixels)
+    logging.warning("%s: %s", name, os.path.join(out, slug))
+  with open(os.path.join(out, "prompts.txt"), "w") as f:
+    f.write("\n".join(prompts) + "\n")
+  sample.save_pixel_grid(np.concatenate(rows), os.path.join(out, "grid.png"), columns=len(prompts), pad=2)
+  return out

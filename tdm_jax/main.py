@@ -4,7 +4,8 @@ Modes: `train` distils (resuming from DIR if it holds checkpoints), then exports
 pipelines, `train.export_after`) and evaluates (`train.evaluate_after`); `evaluate` evaluates the
 latest checkpoint in DIR; `convert` turns `teacher.pipeline` (a Diffusers folder) into
 DIR/converted; `export` writes the latest student as a Diffusers `unet/` folder and a whole
-pipeline folder under DIR/export; `pretrain` makes a teacher pipeline from nothing
+pipeline folder under DIR/export; `sample` draws the student of a checkpoint on `--prompt`s (or a
+`--prompt_file`) beside the teacher, into DIR/samples; `pretrain` makes a teacher pipeline from nothing
 (configs/shapes_teacher.py: the shipped one). Any config field can be overridden as
 `--config.train.batch_size=64`; unknown keys are errors."""
 
@@ -19,9 +20,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tdm_jax import metrics, train
+from tdm_jax import data, metrics, train
 
-MODES = ("train", "evaluate", "convert", "export", "pretrain")
+MODES = ("train", "evaluate", "convert", "export", "sample", "pretrain")
 # config.task -> the module that turns a config into a Task and evaluates a student on it.
 TASKS = {"toy": "tdm_jax.toy_task", "diffusers": "tdm_jax.diffusers_task",
          "shapes_teacher": "tdm_jax.shapes_teacher"}
@@ -30,6 +31,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and outputs.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "--mode=sample: a prompt (repeat the flag for more).")
+_PROMPT_FILE = flags.DEFINE_string("prompt_file", "", "--mode=sample: prompts, one per line (.txt) or .jsonl.")
 _DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False,
                                  "Call jax.distributed.initialize() first (multi-host: TPU pods, SLURM).")
 
@@ -55,10 +58,11 @@ def run_evaluation(config, workdir: str, module, task, state) -> list:
   return rows
 
 
-def run(config, workdir: str, mode: str):
-  """Runs `mode`; returns the final state (train), the evaluation rows (evaluate) or a path."""
+def run(config, workdir: str, mode: str, prompts=()):
+  """Runs `mode`; returns the final state (train), the evaluation rows (evaluate) or a path (convert,
+  export, sample: `prompts`)."""
   module = task_module(config)
-  if mode in ("convert", "export") and not hasattr(module, "export"):
+  if mode in ("convert", "export", "sample") and not hasattr(module, "export"):
     raise ValueError(f"--mode={mode} works on Diffusers pipelines (config.task='diffusers'), "
                      f"not on config.task={config.task!r}")
   if mode == "pretrain" or not hasattr(module, "build_task"):
@@ -76,7 +80,10 @@ def run(config, workdir: str, mode: str):
     if config.train.evaluate_after:
       run_evaluation(config, workdir, module, task, state)
     return state
-  state = train.restore_state(task, config, workdir)
+  checkpoint = config.sample.checkpoint if mode == "sample" and config.sample.checkpoint >= 0 else None
+  state = train.restore_state(task, config, workdir, checkpoint)
+  if mode == "sample":
+    return module.sample_prompts(config, workdir, task, train.student_params(state), list(prompts), int(state.step))
   if mode == "export":
     return module.export(config, workdir, train.student_params(state))
   return run_evaluation(config, workdir, module, task, state)
@@ -94,7 +101,8 @@ def main(argv):
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   logging.info("config:\n%s", _CONFIG.value)
-  run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  prompts = list(_PROMPT.value) + (data.read_prompts(_PROMPT_FILE.value) if _PROMPT_FILE.value else [])
+  run(_CONFIG.value, _WORKDIR.value, _MODE.value, prompts)
 
 
 def entry_point():

@@ -145,3 +145,40 @@ def test_a_total_step_count_no_stock_scheduler_reproduces_is_named():
   assert student_io.mismatched_counts(config, 1000, (1, 2, 4, 5, 8)) == []
   assert student_io.mismatched_counts(config, 1000, (3,)) == [3]  # trailing rounds 666.7 differently
   assert student_io.mismatched_counts(config, 800, (4,)) == [4]
+
+
+def test_sample_mode_writes_each_samplers_images_and_a_grid(unified):
+  config, workdir, _, state = unified
+  config.sample.teacher_steps = 2
+  out = tdm_main.run(config, workdir, "sample", ["a red circle", "green", "a blue square"])
+  assert out == os.path.join(workdir, "samples", str(int(state.step)))
+  folders_made = sorted(n for n in os.listdir(out) if os.path.isdir(os.path.join(out, n)))
+  assert folders_made == ["student_1steps", "student_2steps", "student_4steps", "teacher_2steps"]
+  assert all(len(os.listdir(os.path.join(out, n))) == 3 for n in folders_made)
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  grid = np.asarray(Image.open(os.path.join(out, "grid.png")))
+  assert grid.shape[:2] == (4 * 16 + 3 * 2, 3 * 16 + 2 * 2)  # a row per sampler, a column per prompt
+  with pytest.raises(ValueError, match="no prompts"):
+    tdm_main.run(config, workdir, "sample", [])
+  config.sample.student_steps = (8,)
+  with pytest.raises(ValueError, match="K <= 4 only"):
+    tdm_main.run(config, workdir, "sample", ["green"])
+  config.sample.student_steps = ()
+
+
+def test_evaluation_adds_the_stock_diffusers_rows_of_the_export(unified):
+  config, workdir, _, _ = unified
+  if not os.path.isdir(diffusers_task.exported_pipeline(config, workdir, 1)):
+    tdm_main.run(config, workdir, "export")
+  config.eval.num_samples = 2
+  config.eval.teacher_steps = ()
+  config.eval.student_steps = (1, 2)
+  rows = tdm_main.run(config, workdir, "evaluate")
+  assert [r["sampler"] for r in rows] == ["TDM student, 1 steps", "TDM student, 2 steps",
+                                          "exported pipeline in stock Diffusers, 1 steps",
+                                          "exported pipeline in stock Diffusers, 2 steps"]
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for k in (1, 2):
+    ours, theirs = (np.asarray(Image.open(os.path.join(workdir, "eval", f"{role}_{k}nfe.png")), np.int16)
+                    for role in ("student", "diffusers"))
+    assert np.abs(ours - theirs).max() <= 1  # the same images, up to rounding to 8 bits
