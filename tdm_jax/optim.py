@@ -28,10 +28,14 @@ def adamw(schedule: optax.Schedule, cfg, clip_norm: float) -> optax.GradientTran
 
 
 def make_optimizers(cfg, num_iterations: int):
-  """(student_tx, fake_tx, student_schedule, fake_schedule) from `config.optim`."""
+  """(student_tx, fake_tx, student_schedule, fake_schedule) from `config.optim`; the cosine decays
+  over `optim.decay_steps` iterations (0: the run's num_iterations; the authors' command: 10,001)."""
+  if cfg.decay_steps < 0:
+    raise ValueError(f"optim.decay_steps={cfg.decay_steps} must be >= 0 (0: decay over train.num_iterations)")
+  horizon = int(cfg.decay_steps) or num_iterations
   student_lr = learning_rate_schedule(cfg.student_lr, cfg.student_schedule, cfg.student_warmup_steps,
-                                      num_iterations, cfg.final_lr_fraction)
-  fake_lr = learning_rate_schedule(cfg.fake_lr, cfg.fake_schedule, cfg.fake_warmup_steps, num_iterations,
+                                      horizon, cfg.final_lr_fraction)
+  fake_lr = learning_rate_schedule(cfg.fake_lr, cfg.fake_schedule, cfg.fake_warmup_steps, horizon,
                                    cfg.final_lr_fraction)
   return (adamw(student_lr, cfg, cfg.student_grad_clip), adamw(fake_lr, cfg, cfg.fake_grad_clip),
           student_lr, fake_lr)
