@@ -11,6 +11,7 @@ before any weight is made, so the compiler's own peak memory and the run's are n
 """
 
 import ctypes
+import gc
 import os
 import resource
 import sys
@@ -34,6 +35,17 @@ _ITERATIONS = flags.DEFINE_integer("iterations", 2, "Iterations to run.")
 
 def _peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+
+
+def _rss_gib() -> float:
+  """The resident memory now (VmRSS), beside the peak so far."""
+  with open("/proc/self/status") as f:
+    kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+  return kib / 2 ** 20
+
+
+def _memory() -> str:
+  return f"RSS now {_rss_gib():.2f} GiB, peak so far {_peak_rss_gib():.2f} GiB"
 
 
 def _release_freed_memory() -> None:
@@ -68,25 +80,32 @@ def main(_):
           f"compute {config.model.dtype}, teacher {config.model.teacher_dtype}, 1 CPU device")
     print(f"trace {times['trace_s']:.1f} s, compile {times['compile_s']:.1f} s; compiled memory (GiB) "
           f"{ {k: round(v / 2**30, 2) for k, v in train.memory_summary(compiled).items()} }; "
-          f"peak RSS so far {_peak_rss_gib():.2f} GiB", flush=True)
+          f"{_memory()}", flush=True)
     began = time.perf_counter()
     key = rng.derive(config.seed, 0, rng.Role.INIT)
     init = jax.jit(train.state_init(abstract, config), out_shardings=p.state).lower(teacher_abstract, key).compile()
-    print(f"state init compiled in {time.perf_counter() - began:.1f} s; peak RSS so far {_peak_rss_gib():.2f} GiB",
-          flush=True)
+    print(f"state init compiled in {time.perf_counter() - began:.1f} s; {_memory()}", flush=True)
     _release_freed_memory()
+    print(f"compiler heap returned: {_memory()}", flush=True)
     began = time.perf_counter()
     task = diffusers_task.build_task(config, workdir, devices=devices)
+    jax.block_until_ready((task.teacher_params, task.conditioner))
+    print(f"random weights: {time.perf_counter() - began:.1f} s; {_memory()}", flush=True)
     state = init(task.teacher_params, key)
     jax.block_until_ready((task.teacher_params, task.conditioner, state))
-    print(f"random weights and initial state: {time.perf_counter() - began:.1f} s; "
-          f"peak RSS so far {_peak_rss_gib():.2f} GiB", flush=True)
+    print(f"random weights and initial state: {time.perf_counter() - began:.1f} s; {_memory()}", flush=True)
+    # The init program and the weight makers are done with: drop them and the traces behind them.
+    del init
+    jax.clear_caches()
+    gc.collect()
+    _release_freed_memory()
+    print(f"init programs and trace caches released: {_memory()}", flush=True)
     for step in range(_ITERATIONS.value):
       start = time.perf_counter()
       state, metrics = compiled(state, task.teacher_params, task.conditioner, inputs(step))
       metrics = jax.device_get(metrics)
       print(f"iteration {step + 1}: {time.perf_counter() - start:.1f} s, fake_loss {float(metrics['fake_loss']):.4g}, "
-            f"generator_loss {float(metrics['generator_loss']):.4g}, peak RSS so far {_peak_rss_gib():.2f} GiB",
+            f"generator_loss {float(metrics['generator_loss']):.4g}, {_memory()}",
             flush=True)
   print(f"peak resident memory: {_peak_rss_gib():.2f} GiB")
 

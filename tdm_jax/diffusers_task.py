@@ -520,6 +520,11 @@ def evaluate(config, workdir: str, task: Task, student_params) -> list:
     folder = exported_pipeline(config, workdir, k)
     if not os.path.isdir(folder):
       break  # not exported (train.export_after False): nothing a Diffusers user would load
+    try:
+      student_io.check_folder(folder, k)
+    except ValueError as err:  # e.g. a tdm.total_steps no stock scheduler reproduces
+      logging.warning("no stock Diffusers row at %d steps: %s", k, err)
+      continue
     stock = stock_diffusers_images(folder, batch_prompts, r.z, k)
     if stock is None:
       logging.warning("torch is not installed: the evaluation skips the exported pipeline's stock Diffusers rows")

@@ -160,6 +160,28 @@ def rollout(apply: Apply, params, schedule: Schedule, z, cond, timesteps, **extr
   return Trajectory(xs, x0s, epss, timesteps)
 
 
+def rollout_first(apply: Apply, params, schedule: Schedule, z, cond, count, max_steps: int, total_steps: int,
+                  **extra) -> Trajectory:
+  """`rollout` on the student's grid for a traced K = count <= max_steps: max_steps slots, of which
+  only the first K call the network (a `lax.cond` per slot); later slots hold zeros."""
+  params = jax.lax.stop_gradient(params)
+  taus, next_steps, _ = step_grid(total_steps, count, max_steps)
+
+  def step(x, slot):
+    j, t, t_next = slot
+
+    def move(x):
+      tb = jnp.full((x.shape[0],), t)
+      x0, eps = predict(apply, params, schedule, x, tb, cond, **extra)
+      return ddim_step(schedule, x0, eps, jnp.full_like(tb, t_next)), (x, x0, eps)
+
+    skip = lambda x: (x, (jnp.zeros_like(x),) * 3)
+    return jax.lax.cond(j < count, move, skip, x)
+
+  _, (xs, x0s, epss) = jax.lax.scan(step, z, (jnp.arange(max_steps), taus, next_steps))
+  return Trajectory(xs, x0s, epss, taus)
+
+
 class NoisySample(NamedTuple):
   """The step-aware noisy sample x_t of TDM.md, with what the losses need of it."""
   x_t: jax.Array
@@ -177,11 +199,22 @@ class Segments(NamedTuple):
   m_k: jax.Array
 
 
-def draw_segments(key, batch_size: int, total_steps: int, num_steps: int) -> Segments:
-  """k ~ U{1..K} per sample, with its timestep t_k and interval lower end m_k."""
+def step_grid(total_steps: int, num_steps, length: int):
+  """(tau_j, the rollout's next timestep, m_j) for j < length, from a K that may be traced (unified TDM):
+  tau_j = S - 1 - j S / K, next = tau_{j+1} or -1 (x0) at the last, m_j = tau_{j+1} + 1 or 0.
+  Entries j >= K are not meaningful. Equal to `student_timesteps` / `interval_lower_ends`."""
+  j = jnp.arange(length, dtype=jnp.int32)
+  taus = total_steps - 1 - (j * total_steps) // num_steps
+  below = total_steps - 1 - ((j + 1) * total_steps) // num_steps
+  last = j + 1 >= num_steps
+  return taus, jnp.where(last, -1, below), jnp.where(last, 0, below + 1)
+
+
+def draw_segments(key, batch_size: int, total_steps: int, num_steps, max_steps: Optional[int] = None) -> Segments:
+  """k ~ U{1..K} per sample, with its timestep t_k and interval lower end m_k (a traced K needs
+  `max_steps`, a bound on it)."""
   j = jax.random.randint(key, (batch_size,), 0, num_steps)
-  taus = jnp.asarray(student_timesteps(total_steps, num_steps))
-  lows = jnp.asarray(interval_lower_ends(total_steps, num_steps))
+  taus, _, lows = step_grid(total_steps, num_steps, max_steps or num_steps)
   return Segments(j=j, k=num_steps - j, t_k=taus[j], m_k=lows[j])
 
 
@@ -297,10 +330,11 @@ def _extras(cfg: TDMConfig, num_steps: int, batch: int, seg: Optional[Segments] 
   return extra
 
 
-def _iteration_for_k(num_steps: int, state: TDMState, teacher_params, cond, uncond, key, *, nets: Networks,
+def _iteration_for_k(num_steps, state: TDMState, teacher_params, cond, uncond, key, *, nets: Networks,
                      schedule: Schedule, cfg: TDMConfig, student_tx, fake_tx, sample_shape: tuple,
                      ema_decay: float):
-  """One TDM iteration at a fixed K: rollout, fake-score update, then generator update."""
+  """One TDM iteration at K = num_steps (an int, or traced for unified TDM): rollout, fake-score
+  update, then generator update."""
   nets = nets.resolved()
   sg = jax.lax.stop_gradient
   batch = jax.tree.leaves(cond)[0].shape[0]
@@ -311,12 +345,16 @@ def _iteration_for_k(num_steps: int, state: TDMState, teacher_params, cond, unco
 
   # 1. The student's K-step trajectory, once for the whole batch, without gradients.
   z = jax.random.normal(noise_key, (batch,) + tuple(sample_shape), jnp.float32)
-  traj = rollout(nets.student, state.student_params, schedule, z, cond,
-                 student_timesteps(cfg.total_steps, num_steps), **student_extra)
+  if isinstance(num_steps, int):
+    traj = rollout(nets.student, state.student_params, schedule, z, cond,
+                   student_timesteps(cfg.total_steps, num_steps), **student_extra)
+  else:
+    traj = rollout_first(nets.student, state.student_params, schedule, z, cond, num_steps,
+                         max(cfg.all_step_counts), cfg.total_steps, **student_extra)
 
   # 2. Fake-score update on a step-aware sample built from the rollout's own predictions.
   seg_key, sample_key = jax.random.split(fake_key)
-  seg = draw_segments(seg_key, batch, cfg.total_steps, num_steps)
+  seg = draw_segments(seg_key, batch, cfg.total_steps, num_steps, max(cfg.all_step_counts))
   x0_s, eps_s = gather_points(traj.x0, seg.j), gather_points(traj.eps, seg.j)
   sample = noisy_sample(sample_key, schedule, cfg, x0_s, eps_s, seg)
   (fake_loss, fake_aux), fake_grads = jax.value_and_grad(fake_score_loss, has_aux=True)(
@@ -327,7 +365,7 @@ def _iteration_for_k(num_steps: int, state: TDMState, teacher_params, cond, unco
 
   # 3. Generator update on a fresh sample; gradient only through the student's x0 at (x_k, t_k).
   seg_key, sample_key = jax.random.split(gen_key)
-  seg = draw_segments(seg_key, batch, cfg.total_steps, num_steps)
+  seg = draw_segments(seg_key, batch, cfg.total_steps, num_steps, max(cfg.all_step_counts))
   x_k = gather_points(traj.x, seg.j)
   student_fn = lambda p: predict(nets.student, p, schedule, x_k, seg.t_k, cond, **student_extra)
   (x0_s, eps_s), student_vjp = jax.vjp(student_fn, state.student_params)
@@ -365,8 +403,9 @@ def tdm_iteration(state: TDMState, teacher_params, cond, uncond, key, *, nets: N
 
   cond / uncond: conditioning pytrees with a leading batch axis (uncond is what the teacher's
   classifier-free guidance contrasts with). key: this iteration's key (see rng.iteration_key).
-  With `cfg.step_choices`, K is drawn per iteration and every K's branch is compiled into the one
-  program (lax.switch), so the iteration still compiles once.
+  With `cfg.step_choices`, K is drawn per iteration and is a traced value of the one program: the
+  rollout has max K slots of which the first K run, and every grid is computed from K, so the
+  iteration compiles once, holds one copy of the networks' code, and costs what its K costs.
   """
   body = functools.partial(_iteration_for_k, nets=nets, schedule=schedule, cfg=cfg, student_tx=student_tx,
                            fake_tx=fake_tx, sample_shape=tuple(sample_shape), ema_decay=ema_decay)
@@ -374,5 +413,4 @@ def tdm_iteration(state: TDMState, teacher_params, cond, uncond, key, *, nets: N
   if len(counts) == 1:
     return body(counts[0], state, teacher_params, cond, uncond, key)
   index = jax.random.randint(rng.role_key(key, rng.Role.STEP_COUNT), (), 0, len(counts))
-  branches = [functools.partial(body, k) for k in counts]
-  return jax.lax.switch(index, branches, state, teacher_params, cond, uncond, key)
+  return body(jnp.asarray(counts, jnp.int32)[index], state, teacher_params, cond, uncond, key)

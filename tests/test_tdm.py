@@ -553,6 +553,31 @@ def test_guided_predict(prediction_type, sample_shape):
 
 # ----------------------------------------------------------------------------- 6. jit, variants
 
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_a_traced_step_count_computes_what_the_fixed_one_does(sched, k):
+  """Unified TDM runs K as a traced value (one program for every K); at each K it must be the
+  fixed-K iteration: same rollout, same segments, same updates."""
+  cfg = tdm.TDMConfig(step_choices=(1, 2, 4))
+  s = strict_apply(need_steps=True)
+  nets = tdm.Networks(apply, student=s, fake=s)
+  b, shape = 8, (3,)
+  teacher = init_params(70, shape)
+  cond, uncond = make_cond(71, b)
+  student_tx, fake_tx = optax.adam(1e-3, b1=0.0, b2=0.95), optax.adam(1e-2, b1=0.0, b2=0.95)
+  state = tdm.init_state(perturb(teacher, 72, 0.02), teacher, student_tx, fake_tx)
+  body = functools.partial(tdm._iteration_for_k, nets=nets, schedule=sched, cfg=cfg, student_tx=student_tx,
+                           fake_tx=fake_tx, sample_shape=shape, ema_decay=0.0)  # pylint: disable=protected-access
+  key = rng.iteration_key(0, 3)
+  fixed = jit(lambda st: body(k, st, teacher, cond, uncond, key))(state)
+  traced = jit(lambda kk, st: body(kk, st, teacher, cond, uncond, key))(jnp.int32(k), state)
+  for a, b_ in zip(jax.tree.leaves(fixed), jax.tree.leaves(traced)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-6)
+  taus, nxt, lows = tdm.step_grid(800, jnp.int32(k), 4)
+  np.testing.assert_array_equal(np.asarray(taus)[:k], tdm.student_timesteps(800, k))
+  np.testing.assert_array_equal(np.asarray(lows)[:k], tdm.interval_lower_ends(800, k))
+  assert int(nxt[k - 1]) == -1
+
+
 @pytest.mark.parametrize("variant,sample_shape", [("step_choices", (3,)), ("shared_segment", (2, 4, 4))])
 def test_tdm_iteration_jits(sched, variant, sample_shape):
   """The default config under jit is exercised for (3,) and (2, 4, 4) by the tests above."""
