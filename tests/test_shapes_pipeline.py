@@ -96,10 +96,14 @@ def test_readme_command_shortened(tmp_path):
   subprocess.run([sys.executable, "-m", "tdm_jax.main", "--config=configs/shapes.py", f"--workdir={workdir}"] + flags,
                  cwd=REPO, env=env, check=True, timeout=600)
   rows = json.loads((workdir / "eval" / "table.json").read_text())
-  assert [(r["model"], r["nfe"]) for r in rows] == [("teacher", 6), ("student", 1)]
+  # The unified student at 1 step by our sampler, then its exported pipeline_1step called by stock Diffusers.
+  assert [(r["model"], r["nfe"]) for r in rows] == [("teacher", 6), ("student", 1), ("diffusers", 1)]
+  assert abs(rows[1]["fd"] - rows[2]["fd"]) < 1e-3 * rows[1]["fd"]
   for row in rows:
     assert 0.0 <= row["adherence"] <= 1.0 and row["fd"] > 0 and row["diversity"] >= 0 and row["ms_per_image"] > 0
     assert (workdir / row["grid"]).is_file()
   assert (workdir / "eval" / "comparison.png").is_file() and (workdir / "eval" / "table.md").is_file()
-  assert folders.read_model_index(str(workdir / "export" / "pipeline"))["_class_name"] == "StableDiffusionXLPipeline"
+  for k in (1, 2, 4):
+    index = folders.read_model_index(str(workdir / "export" / f"pipeline_{k}step"))
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["scheduler"][1] == "DDIMScheduler"
   assert os.path.isdir(workdir / "converted" / "params")
