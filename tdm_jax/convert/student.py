@@ -61,18 +61,16 @@ def student_grid(total_steps: int, num_steps: int) -> Tuple[np.ndarray, np.ndarr
   return ts, np.append(ts[1:], -1)
 
 
+def _plain_ddim(config: Mapping[str, Any]) -> bool:
+  """A DDIMScheduler that moves exactly as our DDIM does (Diffusers' DDIM clips x0 by default)."""
+  return (config.get("_class_name", "DDIMScheduler") == "DDIMScheduler" and not config.get("clip_sample", True)
+          and not config.get("thresholding", False))
+
+
 def mismatched_counts(config: Mapping[str, Any], total_steps: int, step_counts: Sequence[int]) -> list:
   """The step counts K at which a stock call with this scheduler config would not sample the student."""
-  bad = []
-  for k in step_counts:
-    if config.get("_class_name", "DDIMScheduler") != "DDIMScheduler" or config.get("clip_sample", True) or \
-        config.get("thresholding", False):
-      bad.append(int(k))
-      continue
-    ours, theirs = student_grid(total_steps, k), ddim_timesteps(config, k)
-    if not all(np.array_equal(a, b) for a, b in zip(ours, theirs)):
-      bad.append(int(k))
-  return bad
+  same = lambda k: all(np.array_equal(a, b) for a, b in zip(student_grid(total_steps, k), ddim_timesteps(config, k)))
+  return [int(k) for k in step_counts if not (_plain_ddim(config) and same(k))]
 
 
 def guidance_free(params: Mapping[str, Any], unet_config: Mapping[str, Any]):
