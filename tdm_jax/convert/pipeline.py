@@ -143,6 +143,7 @@ def export_pipeline(pipeline_files: str, trees: dict, out_dir: str, *, dtype=np.
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+  os.chmod(staging, 0o755)  # mkdtemp's 0700 would hide the folder from the other users of a shared workdir
   try:
     _copy_small_files(pipeline_files, staging)
     for name in missing:
