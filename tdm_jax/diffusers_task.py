@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 from typing import NamedTuple, Optional
 
 import flax
@@ -460,7 +461,6 @@ def stock_diffusers_images(folder: str, prompts, z, num_steps: int, chunk: int =
     import diffusers  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
-  import time  # pylint: disable=g-import-not-at-top
   student_io.check_folder(folder, num_steps)
   pipe = diffusers.DiffusionPipeline.from_pretrained(folder, **(
       {"add_watermarker": False} if "text_encoder_2" in folders.read_model_index(folder) else {}))
