@@ -321,7 +321,7 @@ def init_state(student_params, fake_params, student_tx: optax.GradientTransforma
                   ema_params=copy(student_params) if use_ema else None)
 
 
-def _extras(cfg: TDMConfig, num_steps: int, batch: int, seg: Optional[Segments] = None, fake=False):
+def _extras(cfg: TDMConfig, num_steps, batch: int, seg: Optional[Segments] = None, fake=False):
   extra = {}
   if cfg.step_conditioning:
     extra["num_steps"] = jnp.full((batch,), num_steps, jnp.int32)
