@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO  # noqa: F401 (puts the repo on sys.path)
 import tiny_pipeline
 
-from tdm_jax import diffusers_task, sample, train
+from tdm_jax import diffusers_task, sample, sharding, train
 from tdm_jax import main as tdm_main
 from tdm_jax.convert import folders
 from tdm_jax.convert import pipeline as pipeline_io
@@ -37,7 +37,7 @@ def _config(pipeline_dir, prompt_file):
   config.tdm.step_choices = CHOICES
   config.optim.student_lr = 1e-3  # large, so that three iterations move the student visibly
   config.optim.student_warmup_steps = 0
-  config.train.batch_size = 2
+  config.train.batch_size = jax.device_count()  # one row per device of the default mesh
   config.train.num_iterations = 3
   config.train.checkpoint_every = 3
   config.train.progress = False
@@ -74,9 +74,9 @@ def _our_images(config, workdir, task, params, z, num_steps):
 
 def test_unified_student_and_fake_score_start_equal_to_the_teacher(unified):
   config, _, task, _ = unified
-  p = train.plan(task, config, jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1),
-                                                 ("data", "fsdp", "tensor")))
-  fresh = train.initial_state(task, config, p, task.teacher_params)
+  mesh = sharding.make_mesh(config.mesh.shape)
+  with jax.set_mesh(mesh):
+    fresh = train.initial_state(task, config, train.plan(task, config, mesh), task.teacher_params)
   table = fresh.student_params[student_io.STEP_EMBEDDING]["embedding"]
   assert table.shape[0] == max(CHOICES) + 1 and float(jnp.abs(table).max()) == 0.0
   cond, _ = task.conditioning(task.conditioner, task.batch(0, 2))
