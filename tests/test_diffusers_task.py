@@ -16,22 +16,12 @@ from tdm_jax.convert import folders
 
 
 def _config(pipeline_dir, prompt_file):
-  from configs import sdxl  # pylint: disable=g-import-not-at-top
-  config = sdxl.get_config()
-  config.teacher.pipeline = str(pipeline_dir)
-  config.data.prompt_file = str(prompt_file)
-  config.model.resolution = 16
-  config.model.dtype = "float32"
-  config.model.teacher_dtype = "float32"
+  config = tiny_pipeline.tiny_sdxl_config(pipeline_dir, prompt_file)
   config.model.attention = "auto"
-  config.model.remat = False
   config.tdm.guidance_scale = 2.0
   config.optim.student_lr = 1e-2  # large, so that two iterations move the adapters visibly
-  config.optim.student_warmup_steps = 0
-  config.train.batch_size = jax.device_count()
   config.train.num_iterations = 2
   config.train.checkpoint_every = 2
-  config.train.progress = False
   config.eval.num_samples = 2
   config.eval.teacher_steps = (2,)
   config.eval.student_steps = (1,)

@@ -25,22 +25,12 @@ PROMPTS = ["a red circle", "a blue square on white background"]
 
 
 def _config(pipeline_dir, prompt_file):
-  from configs import sdxl  # pylint: disable=g-import-not-at-top
-  config = sdxl.get_config()
-  config.teacher.pipeline = str(pipeline_dir)
-  config.data.prompt_file = str(prompt_file)
-  config.model.resolution = 16
-  config.model.dtype = "float32"
-  config.model.teacher_dtype = "float32"
-  config.model.remat = False
+  config = tiny_pipeline.tiny_sdxl_config(pipeline_dir, prompt_file)
   config.model.lora_rank = 0  # full copies: the unified student's step table is a weight of its own
   config.tdm.step_choices = CHOICES
   config.optim.student_lr = 1e-3  # large, so that three iterations move the student visibly
-  config.optim.student_warmup_steps = 0
-  config.train.batch_size = jax.device_count()  # one row per device of the default mesh
   config.train.num_iterations = 3
   config.train.checkpoint_every = 3
-  config.train.progress = False
   config.train.evaluate_after = False
   config.train.export_after = False
   return config

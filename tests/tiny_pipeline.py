@@ -158,3 +158,21 @@ def make_tiny_sd_pipeline(folder, seed=0) -> diffusers.StableDiffusionPipeline:
   pipe.save_pretrained(folder, safe_serialization=True)
   return diffusers.StableDiffusionPipeline.from_pretrained(folder,
                                                            safety_checker=None, requires_safety_checker=False)
+
+
+def tiny_sdxl_config(pipeline_dir, prompt_file):
+  """configs/sdxl.py pointed at a tiny pipeline folder: 16 px, float32, no remat, no warm-up, one batch
+  row per device of the default mesh, no progress bar."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import sdxl  # pylint: disable=g-import-not-at-top
+  config = sdxl.get_config()
+  config.teacher.pipeline = str(pipeline_dir)
+  config.data.prompt_file = str(prompt_file)
+  config.model.resolution = 16
+  config.model.dtype = "float32"
+  config.model.teacher_dtype = "float32"
+  config.model.remat = False
+  config.optim.student_warmup_steps = 0
+  config.train.batch_size = jax.device_count()
+  config.train.progress = False
+  return config
