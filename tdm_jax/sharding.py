@@ -152,6 +152,24 @@ def with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """`x` with its leading (batch) axis split over (data, fsdp) of the current mesh; other axes free.
+
+  The models apply it to every dense and conv output. Without it XLA's partitioner, seeing a
+  weight split over `fsdp` on its input dimension, may gather the activations over the batch
+  and all-reduce partial products instead of gathering the weight: the SDXL step then held
+  full-batch activations on every device. No-op outside a mesh, or when the batch axes do not
+  divide the leading axis.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names) or not x.ndim:
+    return x
+  size = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  if size == 1 or x.shape[0] % size:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *([P.UNCONSTRAINED] * (x.ndim - 1))))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

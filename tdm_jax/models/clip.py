@@ -24,7 +24,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tdm_jax.models import layers
 from tdm_jax.models.attention import attention
+from tdm_jax.models.remat import own_computation
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 
@@ -95,7 +97,7 @@ class _Common(nn.Module):
 
   def dense(self, features: int, axes, name: str, use_bias: bool = True) -> nn.Dense:
     return nn.Dense(
-        features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+        features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, **layers.BATCH_SPLIT_DENSE,
         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[-1],)),
         name=name)
@@ -181,9 +183,9 @@ class CLIPTextEncoder(_Common):
     x = tokens(input_ids) + positions(jnp.arange(length)[None, :])
     hidden_states = [x]
     for i in range(c.num_hidden_layers):
-      x = ClipEncoderLayer(config=c, dtype=self.dtype, param_dtype=self.param_dtype,
-                           attention_implementation=self.attention_implementation,
-                           name=f"layers_{i}")(x)
+      layer = ClipEncoderLayer(config=c, dtype=self.dtype, param_dtype=self.param_dtype,
+                               attention_implementation=self.attention_implementation, name=f"layers_{i}")
+      x = own_computation(layer, x)
       hidden_states.append(x)
     last = self.layer_norm("final_layer_norm")(x)
 

@@ -70,6 +70,19 @@ def _backward(vjp_fn, cotangent):
 _cpu_rematerialised = nn.custom_vjp(_own_call, _forward, _backward, grad_vars=_GRAD_COLLECTIONS)
 
 
+def own_computation(module: nn.Module, *args):
+  """`module(*args)` for frozen, undifferentiated layers (the text encoders' transformer layers).
+
+  On CPU the call runs in a branch of its own, so XLA:CPU's float32 copies of the layer's bf16
+  weights exist only while it runs: without it the SDXL step converted all of text encoder 2's
+  weights up front and held 2.6 GiB of copies at its peak (`benchmarks/peak_breakdown.py`).
+  Elsewhere a plain call.
+  """
+  if jax.default_backend() == "cpu":
+    return _own_call(module, *args)
+  return module(*args)
+
+
 def rematerialised(module: nn.Module, *args):
   """`module(*args)`, its activations recomputed in the backward pass (see the module docstring)."""
   if jax.default_backend() == "cpu":
