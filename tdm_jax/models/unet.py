@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from tdm_jax.models import layers
-from tdm_jax.models.attention import attention
+from tdm_jax.models.blocks import Attention, ResnetBlock2D, Upsample2D
 from tdm_jax.models.remat import rematerialised
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -216,50 +216,6 @@ class TimestepEmbedding(nn.Module):
     return _dense(self, self.features, ("mlp", "embed"), "linear_2")(nn.silu(x))
 
 
-class ResnetBlock2D(nn.Module):
-  """GroupNorm-SiLU-conv, + projected time embedding, GroupNorm-SiLU-conv, + (1x1-conv) shortcut."""
-  out_channels: int
-  groups: int
-  eps: float
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, temb):
-    h = nn.silu(_group_norm(self, self.groups, self.eps, "norm1")(x))
-    h = _conv(self, self.out_channels, "conv1")(h)
-    t = _dense(self, self.out_channels, ("embed", "mlp"), "time_emb_proj")(nn.silu(temb))
-    h = h + t[:, None, None, :]
-    h = nn.silu(_group_norm(self, self.groups, self.eps, "norm2")(h))
-    h = _conv(self, self.out_channels, "conv2")(h)
-    if x.shape[-1] != self.out_channels:
-      x = _conv(self, self.out_channels, "conv_shortcut", kernel=1)(x)
-    return x + h
-
-
-class Attention(nn.Module):
-  """Multi-head attention: to_q/to_k/to_v (no bias), to_out_0 (bias)."""
-  heads: int
-  head_dim: int
-  cross: bool = False
-  implementation: str = "auto"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, context=None):
-    inner = self.heads * self.head_dim
-    context = x if context is None else context
-    kv_axes = ("cross_embed", "heads") if self.cross else ("embed", "heads")
-    q = _dense(self, inner, ("embed", "heads"), "to_q", use_bias=False)(x)
-    k = _dense(self, inner, kv_axes, "to_k", use_bias=False)(context)
-    v = _dense(self, inner, kv_axes, "to_v", use_bias=False)(context)
-    split = lambda a: a.reshape(a.shape[:2] + (self.heads, self.head_dim))
-    out = attention(split(q), split(k), split(v), implementation=self.implementation)
-    out = out.reshape(out.shape[:2] + (inner,))
-    return _dense(self, x.shape[-1], ("heads", "embed"), "to_out_0")(out)
-
-
 class GEGLU(nn.Module):
   """proj to 2*inner, split into (hidden, gate), hidden * gelu(gate) (exact gelu)."""
   inner: int
@@ -348,7 +304,7 @@ class _Block(nn.Module):
   remat: bool = False
 
   def resnet(self, x, temb, name):
-    block = ResnetBlock2D(self.out_channels, self.groups, self.eps, dtype=self.dtype,
+    block = ResnetBlock2D(out_channels=self.out_channels, groups=self.groups, eps=self.eps, dtype=self.dtype,
                           param_dtype=self.param_dtype, name=name)
     return rematerialised(block, x, temb) if self.remat else block(x, temb)
 
@@ -404,7 +360,7 @@ class UpBlock(_Block):
       if self.has_attention:
         x = self.transformer(x, context, f"attentions_{j}")
     if self.add_upsample:
-      x = Upsample2D(self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
+      x = Upsample2D(channels=self.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
                      name="upsamplers_0")(x)
     return x
 
@@ -417,18 +373,6 @@ class Downsample2D(nn.Module):
   @nn.compact
   def __call__(self, x):
     return _conv(self, self.channels, "conv", stride=2)(x)
-
-
-class Upsample2D(nn.Module):
-  """Nearest-neighbour 2x, then a 3x3 conv."""
-  channels: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return _conv(self, self.channels, "conv")(x)
 
 
 class UNet2DConditionModel(nn.Module):

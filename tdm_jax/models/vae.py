@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from tdm_jax.models import layers
-from tdm_jax.models.attention import attention
+from tdm_jax.models.blocks import Attention, ResnetBlock2D, Upsample2D
 
 SUPPORTED_DOWN_BLOCKS = ("DownEncoderBlock2D",)
 SUPPORTED_UP_BLOCKS = ("UpDecoderBlock2D",)
@@ -99,49 +99,8 @@ def _group_norm(groups: int, name: str, dtype, param_dtype) -> nn.GroupNorm:
   return layers.group_norm(groups, NORM_EPS, name, dtype=dtype, param_dtype=param_dtype)
 
 
-def _dense(features: int, axes, name: str, dtype, param_dtype) -> nn.Dense:
-  return layers.dense(features, axes, name, dtype=dtype, param_dtype=param_dtype)
-
-
-class ResnetBlock(nn.Module):
-  """Diffusers ResnetBlock2D without a time embedding: norm-silu-conv twice, plus a skip."""
-
-  out_channels: int
-  groups: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    h = nn.silu(_group_norm(self.groups, "norm1", self.dtype, self.param_dtype)(x))
-    h = _conv(self.out_channels, 3, "conv1", self.dtype, self.param_dtype)(h)
-    h = nn.silu(_group_norm(self.groups, "norm2", self.dtype, self.param_dtype)(h))
-    h = _conv(self.out_channels, 3, "conv2", self.dtype, self.param_dtype)(h)
-    if x.shape[-1] != self.out_channels:
-      x = _conv(self.out_channels, 1, "conv_shortcut", self.dtype, self.param_dtype)(x)
-    return x + h
-
-
-class MidAttention(nn.Module):
-  """Diffusers' VAE mid-block Attention: GroupNorm, one head over all pixels, residual."""
-
-  channels: int
-  groups: int
-  attention_implementation: str = "auto"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    b, h, w, c = x.shape
-    y = _group_norm(self.groups, "group_norm", self.dtype, self.param_dtype)(x).reshape(b, h * w, c)
-    q = _dense(c, ("embed", "heads"), "to_q", self.dtype, self.param_dtype)(y)
-    k = _dense(c, ("embed", "heads"), "to_k", self.dtype, self.param_dtype)(y)
-    v = _dense(c, ("embed", "heads"), "to_v", self.dtype, self.param_dtype)(y)
-    o = attention(q[:, :, None], k[:, :, None], v[:, :, None],
-                  implementation=self.attention_implementation)[:, :, 0]
-    o = _dense(c, ("heads", "embed"), "to_out_0", self.dtype, self.param_dtype)(o)
-    return x + o.reshape(b, h, w, c)
+def _resnet(channels: int, groups: int, name: str, **kw) -> ResnetBlock2D:
+  return ResnetBlock2D(out_channels=channels, groups=groups, eps=NORM_EPS, name=name, **kw)
 
 
 class MidBlock(nn.Module):
@@ -157,11 +116,11 @@ class MidBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = ResnetBlock(self.channels, self.groups, name="resnets_0", **kw)(x)
+    x = _resnet(self.channels, self.groups, "resnets_0", **kw)(x)
     if self.add_attention:
-      x = MidAttention(self.channels, self.groups, self.attention_implementation,
-                       name="attentions_0", **kw)(x)
-    return ResnetBlock(self.channels, self.groups, name="resnets_1", **kw)(x)
+      x = Attention(heads=1, head_dim=self.channels, qkv_bias=True, norm_groups=self.groups, norm_eps=NORM_EPS,
+                    residual=True, implementation=self.attention_implementation, name="attentions_0", **kw)(x)
+    return _resnet(self.channels, self.groups, "resnets_1", **kw)(x)
 
 
 class Downsample(nn.Module):
@@ -177,19 +136,6 @@ class Downsample(nn.Module):
     return _conv(self.channels, 3, "conv", self.dtype, self.param_dtype, stride=2, padding="VALID")(x)
 
 
-class Upsample(nn.Module):
-  """Nearest 2x upsampling, then a 3x3 conv."""
-
-  channels: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return _conv(self.channels, 3, "conv", self.dtype, self.param_dtype)(x)
-
-
 class Encoder(nn.Module):
   config: VAEConfig
   attention_implementation: str = "auto"
@@ -203,7 +149,7 @@ class Encoder(nn.Module):
     x = _conv(cfg.block_out_channels[0], 3, "conv_in", **kw)(x)
     for i, ch in enumerate(cfg.block_out_channels):
       for j in range(cfg.layers_per_block):
-        x = ResnetBlock(ch, g, name=f"down_blocks_{i}_resnets_{j}", **kw)(x)
+        x = _resnet(ch, g, f"down_blocks_{i}_resnets_{j}", **kw)(x)
       if i < len(cfg.block_out_channels) - 1:
         x = Downsample(ch, name=f"down_blocks_{i}_downsamplers_0", **kw)(x)
     x = MidBlock(cfg.block_out_channels[-1], g, cfg.mid_block_add_attention,
@@ -228,9 +174,9 @@ class Decoder(nn.Module):
                  name="mid_block", **kw)(x)
     for i, ch in enumerate(chans):
       for j in range(cfg.layers_per_block + 1):
-        x = ResnetBlock(ch, g, name=f"up_blocks_{i}_resnets_{j}", **kw)(x)
+        x = _resnet(ch, g, f"up_blocks_{i}_resnets_{j}", **kw)(x)
       if i < len(chans) - 1:
-        x = Upsample(ch, name=f"up_blocks_{i}_upsamplers_0", **kw)(x)
+        x = Upsample2D(channels=ch, name=f"up_blocks_{i}_upsamplers_0", **kw)(x)
     x = nn.silu(_group_norm(g, "conv_norm_out", **kw)(x))
     return _conv(cfg.out_channels, 3, "conv_out", **kw)(x)
 
