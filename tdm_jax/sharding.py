@@ -12,6 +12,10 @@ Two guards then apply, in the spirit of big_vision's FSDP strategy: a dimension 
 mesh axis does not divide stays whole, and every leaf of at least `min_size` elements that
 the rules left unsplit over `fsdp` is split over `fsdp` on its largest free dimension that
 `fsdp` divides. Leaves below `min_size` (norm scales, biases, counts) stay replicated.
+
+Activations stay split over the batch: every dense and conv output of the models is constrained
+to it (`constrain_batch`), so XLA gathers each fsdp-split weight where it is used (FSDP) rather
+than the activations.
 """
 
 from __future__ import annotations
