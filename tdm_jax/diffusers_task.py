@@ -222,6 +222,9 @@ def random_weights(abstract, shardings, key, dtype):
       makers[spec] = jax.jit(functools.partial(_random_leaf, tuple(leaf.shape), how, dtype),
                              out_shardings=flat_shardings[path])
     out[path] = makers[spec](jax.random.fold_in(key, i))
+  jax.block_until_ready(out)
+  for maker in makers.values():  # hundreds of small executables, ~1 GiB at SDXL's size: not needed again
+    maker.clear_cache()
   return flax.traverse_util.unflatten_dict(out)
 
 
@@ -242,9 +245,8 @@ def frozen_weights(config, c: Components, mesh) -> dict:
   flat = {(name,) + path: s for name in names for path, s in flax.traverse_util.flatten_dict(targets[name]).items()}
   replicated = sharding.replicated(mesh)
   where = lambda path, shape: flat.get(tuple(getattr(k, "key", k) for k in path), replicated)
-  trees = pipeline_io.load_converted(c.converted, where)
-  cast = jax.jit(lambda t: jax.tree.map(lambda x: x.astype(dtype), t), out_shardings=targets)
-  return cast({name: trees[name] for name in names})
+  trees = pipeline_io.load_converted(c.converted, where, dtype=dtype)
+  return {name: trees[name] for name in names}
 
 
 def _tokenizers(c: Components) -> list:

@@ -14,6 +14,7 @@ import tempfile
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from tdm_jax.checkpoint import Checkpointer
@@ -92,14 +93,18 @@ def is_converted(out_dir: str) -> bool:
       os.path.join(out_dir, "params", str(CONVERTED_STEP)))
 
 
-def load_converted(out_dir: str, sharding=None) -> dict:
+def load_converted(out_dir: str, sharding=None, dtype=None) -> dict:
   """The trees `save_converted` wrote, placed by `sharding` (one sharding, or (path, shape) -> sharding;
-  None: the default device)."""
+  None: the default device). `dtype`: floating-point leaves are read as it (orbax casts while
+  reading, so a bf16 teacher never exists as a float32 tree first)."""
   checkpointer = Checkpointer(os.path.join(out_dir, "params"))
   try:
     if CONVERTED_STEP not in checkpointer.all_steps:
       raise FileNotFoundError(f"no converted checkpoint in {out_dir}/params; run --mode=convert first")
     abstract = checkpointer.stored_structure(CONVERTED_STEP, sharding)
+    if dtype is not None:
+      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding)
+                              if jnp.issubdtype(a.dtype, jnp.floating) else a, abstract)
     return checkpointer.restore(CONVERTED_STEP, abstract)
   finally:
     checkpointer.close()
