@@ -34,7 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
       fake_lr=1e-4, student_lr=2e-5, b1=0.0, b2=0.95, eps=1e-8, weight_decay=1e-2,
       student_grad_clip=1.0, fake_grad_clip=0.0, student_schedule="cosine", student_warmup_steps=50,
       fake_schedule="constant", fake_warmup_steps=0, final_lr_fraction=0.0,
-      decay_steps=0))  # cosine horizon; 0: train.num_iterations (the authors' command decays over 10,001)
+      decay_steps=0,  # cosine horizon; 0: train.num_iterations (the authors' command decays over 10,001)
+      lr_scales=()))  # (path regex, factor) pairs: learning-rate multipliers per parameter group
 
   config.train = ml_collections.ConfigDict(dict(
       num_iterations=500, batch_size=32, checkpoint_every=100, keep_checkpoints=3, log_every=10,

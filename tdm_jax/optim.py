@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import jax
 import optax
 
 SCHEDULES = ("constant", "cosine")
@@ -21,10 +24,46 @@ def learning_rate_schedule(peak: float, kind: str, warmup_steps: int, total_step
                                             end_value=final_fraction * peak)
 
 
+def _path(keys) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+
+
+def lr_scales(scales) -> optax.GradientTransformation:
+  """Multiplies the updates of leaves whose "/"-joined path matches a regex by its factor: a learning
+  rate per parameter group, on top of the schedule. Adam's steps are ~lr whatever the gradient's
+  size, so a zero-initialised table trained at the network's learning rate barely leaves zero in a
+  short run; unified TDM's step-count embedding (`class_embedding`) is what this is for."""
+  pairs = []
+  for entry in scales:
+    if len(entry) != 2:
+      raise ValueError(f"optim.lr_scales entry {entry!r} must be a pair (path regex, factor)")
+    pattern, factor = entry
+    try:
+      pairs.append((re.compile(pattern), float(factor)))
+    except re.error as e:
+      raise ValueError(f"optim.lr_scales: {pattern!r} is not a valid regex ({e})") from e
+    if not float(factor) > 0:
+      raise ValueError(f"optim.lr_scales: factor {factor!r} for {pattern!r} must be positive")
+
+  def factor_of(path) -> float:
+    name = _path(path)
+    return next((f for pattern, f in pairs if pattern.search(name)), 1.0)
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(lambda p, u: u * factor_of(p) if factor_of(p) != 1.0 else u,
+                                            updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def adamw(schedule: optax.Schedule, cfg, clip_norm: float) -> optax.GradientTransformation:
-  """AdamW with optional global-norm clipping in front."""
+  """AdamW with optional global-norm clipping in front and `optim.lr_scales` behind."""
   opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-  return optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm > 0 else opt
+  parts = ([optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []) + [opt]
+  if tuple(cfg.get("lr_scales", ())):
+    parts.append(lr_scales(cfg.lr_scales))
+  return optax.chain(*parts) if len(parts) > 1 else opt
 
 
 def make_optimizers(cfg, num_iterations: int):
