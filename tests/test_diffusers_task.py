@@ -133,3 +133,8 @@ def test_converted_trees_restore_sharded(distilled):
   leaves = jax.tree.leaves(trees)
   assert any(leaf.sharding.spec == P("data") for leaf in leaves if leaf.ndim)
   assert all(np.array_equal(a, b) for a, b in zip(leaves, jax.tree.leaves(plain)))
+  # Read in the teacher's dtype directly (orbax casts while reading): bf16 floats, the same values rounded.
+  low = pipeline_io.load_converted(os.path.join(workdir, "converted"), split, dtype=jnp.bfloat16)
+  for a, b in zip(jax.tree.leaves(low), jax.tree.leaves(plain)):
+    assert a.dtype == (jnp.bfloat16 if jnp.issubdtype(b.dtype, jnp.floating) else b.dtype)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(jnp.asarray(b).astype(a.dtype)))
