@@ -6,8 +6,9 @@ Random weights made on the mesh from the published configs (both text encoders, 
 the bf16 frozen teacher), LoRA student and fake score (configs/sdxl.py's rank 64), prompts
 tokenized by the stand-in tokenizer and encoded inside the step. Prints the time to make the
 weights, to trace and compile the step, the wall time of each iteration, its losses, and the
-process's peak resident memory. The step and the state's init program are compiled from shapes
-before any weight is made, so the compiler's own peak memory and the run's are not added together.
+process's peak resident memory. The step and the state's two init programs are compiled from
+shapes before any weight is made, so the compiler's own peak memory and the run's are not added
+together.
 """
 
 import ctypes
@@ -83,7 +84,9 @@ def main(_):
           f"{_memory()}", flush=True)
     began = time.perf_counter()
     key = rng.derive(config.seed, 0, rng.Role.INIT)
-    init = jax.jit(train.state_init(abstract, config), out_shardings=p.state).lower(teacher_abstract, key).compile()
+    networks, optimizers = train.state_programs(abstract, config, p)  # what train.initial_state runs
+    networks = networks.lower(teacher_abstract, key).compile()
+    optimizers = optimizers.lower(p.abstract_state.student_params, p.abstract_state.fake_params).compile()
     print(f"state init compiled in {time.perf_counter() - began:.1f} s; {_memory()}", flush=True)
     _release_freed_memory()
     print(f"compiler heap returned: {_memory()}", flush=True)
@@ -91,11 +94,11 @@ def main(_):
     task = diffusers_task.build_task(config, workdir, devices=devices)
     jax.block_until_ready((task.teacher_params, task.conditioner))
     print(f"random weights: {time.perf_counter() - began:.1f} s; {_memory()}", flush=True)
-    state = init(task.teacher_params, key)
+    state = optimizers(*networks(task.teacher_params, key))
     jax.block_until_ready((task.teacher_params, task.conditioner, state))
     print(f"random weights and initial state: {time.perf_counter() - began:.1f} s; {_memory()}", flush=True)
-    # The init program and the weight makers are done with: drop them and the traces behind them.
-    del init
+    # The init programs and the weight makers are done with: drop them and the traces behind them.
+    del networks, optimizers
     jax.clear_caches()
     gc.collect()
     _release_freed_memory()

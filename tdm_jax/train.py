@@ -137,16 +137,36 @@ def make_train_step(task: Task, config):
   return train_step
 
 
-def init_state(task: Task, student_tx, fake_tx, use_ema: bool, teacher_params, key) -> tdm.TDMState:
-  """Student and fake score from the teacher (copies, or zero-effect LoRA adapters), fresh optimisers."""
+def init_networks(task: Task, teacher_params, key):
+  """(student, fake score) from the teacher: copies, or zero-effect LoRA adapters."""
   student_key, fake_key = jax.random.split(key)
   if task.lora is not None:
     default = lambda teacher, k: lora.init_adapters(k, teacher, task.lora)
   else:
     default = lambda teacher, k: teacher
-  student = (task.student_init or default)(teacher_params, student_key)
-  fake = (task.fake_init or default)(teacher_params, fake_key)
+  return (task.student_init or default)(teacher_params, student_key), (task.fake_init or default)(teacher_params,
+                                                                                                 fake_key)
+
+
+def init_state(task: Task, student_tx, fake_tx, use_ema: bool, teacher_params, key) -> tdm.TDMState:
+  """Student and fake score from the teacher (copies, or zero-effect LoRA adapters), fresh optimisers."""
+  student, fake = init_networks(task, teacher_params, key)
   return tdm.init_state(student, fake, student_tx, fake_tx, use_ema=use_ema)
+
+
+def state_programs(task: Task, config, p: "Plan"):
+  """The fresh state as two jitted programs, each writing straight into its shards:
+  `networks(teacher, key) -> (student, fake)`, then `optimizers(student, fake) -> TDMState`, which
+  takes the networks donated. Equal to one jit of `state_init`; split so that the random draws'
+  temporaries (3x the adapters at SDXL size) and the optimiser moments never coexist, which sets
+  the process's peak memory when the frozen weights are already resident."""
+  student_tx, fake_tx, _, _ = make_optimizers(config.optim, config.train.num_iterations)
+  networks = jax.jit(functools.partial(init_networks, task),
+                     out_shardings=(p.state.student_params, p.state.fake_params))
+  optimizers = jax.jit(functools.partial(tdm.init_state, student_tx=student_tx, fake_tx=fake_tx,
+                                         use_ema=config.train.ema_decay > 0),
+                       out_shardings=p.state, donate_argnums=(0, 1))
+  return networks, optimizers
 
 
 def state_init(task: Task, config) -> Callable:
@@ -208,7 +228,8 @@ def initial_state(task: Task, config, p: Plan, teacher_params) -> tdm.TDMState:
   """A fresh state made in its shards, or with `train.init_from` the student of that run's latest
   checkpoint and a fresh fake score and optimisers (a new stage of the recipe)."""
   key = rng.derive(config.seed, 0, rng.Role.INIT)
-  state = jax.jit(state_init(task, config), out_shardings=p.state)(teacher_params, key)
+  networks, optimizers = state_programs(task, config, p)
+  state = optimizers(*networks(teacher_params, key))
   source = config.train.init_from
   if not source:
     return state

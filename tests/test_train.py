@@ -143,6 +143,25 @@ def test_batch_size_must_divide_over_the_mesh(toy_config, toy_teacher_dir, tmp_p
     train.distill(task, toy_config, str(tmp_path / "other"))
 
 
+def test_state_programs_equal_one_init_and_leave_the_teacher_alone(toy_config, toy_teacher_dir, tmp_path):
+  """The fresh state made by two programs (networks, then optimisers on the donated networks) is
+  the one-program init, and the teacher the networks were copied from is still there."""
+  toy_config.train.ema_decay = 0.9
+  task = _task(toy_config, toy_teacher_dir, str(tmp_path / "run"))
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  p = train.plan(task, toy_config, mesh)
+  key = jax.random.key(3)
+  networks, optimizers = train.state_programs(task, toy_config, p)
+  split = optimizers(*networks(task.teacher_params, key))
+  whole = jax.jit(train.state_init(task, toy_config))(task.teacher_params, key)
+  assert jax.tree.structure(split) == jax.tree.structure(whole)
+  for a, b in zip(_leaves(split), _leaves(whole)):
+    np.testing.assert_array_equal(a, b)
+  assert not any(x.is_deleted() for x in jax.tree.leaves(task.teacher_params))
+  for a, b in zip(_leaves(split.student_params), _leaves(task.teacher_params)):
+    np.testing.assert_array_equal(a, b)
+
+
 # --- the command line, in subprocesses -------------------------------------------------------------
 
 _TINY_FLAGS = [
