@@ -144,8 +144,8 @@ def init_networks(task: Task, teacher_params, key):
     default = lambda teacher, k: lora.init_adapters(k, teacher, task.lora)
   else:
     default = lambda teacher, k: teacher
-  return (task.student_init or default)(teacher_params, student_key), (task.fake_init or default)(teacher_params,
-                                                                                                 fake_key)
+  student = (task.student_init or default)(teacher_params, student_key)
+  return student, (task.fake_init or default)(teacher_params, fake_key)
 
 
 def init_state(task: Task, student_tx, fake_tx, use_ema: bool, teacher_params, key) -> tdm.TDMState:
