@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from tdm_jax.models import layers
 from tdm_jax.models.blocks import Attention, ResnetBlock2D, Upsample2D
+from tdm_jax.models.blocks import conv as _conv, dense as _dense, group_norm as _group_norm
 from tdm_jax.models.remat import rematerialised
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -180,18 +181,6 @@ def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool,
   if dim % 2:
     emb = jnp.pad(emb, ((0, 0), (0, 1)))
   return emb
-
-
-def _dense(m, features, axes, name, use_bias=True):
-  return layers.dense(features, axes, name, dtype=m.dtype, param_dtype=m.param_dtype, use_bias=use_bias)
-
-
-def _conv(m, features, name, kernel=3, stride=1):
-  return layers.conv(features, name, dtype=m.dtype, param_dtype=m.param_dtype, kernel=kernel, stride=stride)
-
-
-def _group_norm(m, groups, eps, name):
-  return layers.group_norm(groups, eps, name, dtype=m.dtype, param_dtype=m.param_dtype)
 
 
 def _layer_norm(m, name):
