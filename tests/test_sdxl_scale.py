@@ -255,8 +255,7 @@ def _collectives_over_the_batch(hlo: str, batch_sizes) -> list:
   return found
 
 
-@pytest.mark.parametrize("remat", [False, True])
-def test_fsdp_gathers_weights_never_the_batch(tiny, remat):
+def test_fsdp_gathers_weights_never_the_batch(tiny):
   """With every weight split over fsdp the compiled step keeps activations split over the batch:
   XLA all-gathers the weights (their leading axes are kernel sizes or channels), never an activation
   at the global batch (16, or 32 for the teacher's guided pair). Without the models' batch
@@ -265,9 +264,9 @@ def test_fsdp_gathers_weights_never_the_batch(tiny, remat):
   root, converted = tiny
   config = _config(root / "pipeline", root / "prompts.txt", (1, 8, 1))
   config.teacher.converted = converted
-  config.model.remat = remat
+  config.model.remat = True  # as configs/sdxl.py: the blocks run in computations of their own on CPU
   config.train.batch_size = 16
-  task = diffusers_task.build_task(config, str(root / f"collectives_{remat}"))
+  task = diffusers_task.build_task(config, str(root / "collectives"))
   mesh = sharding.make_mesh(config.mesh.shape)
   with jax.set_mesh(mesh):
     p = train.plan(task, config, mesh)
