@@ -107,27 +107,29 @@ def unet_apply(model: UNet2DConditionModel):
 
 def step_conditioned(unet_config: UNetConfig, step_choices) -> UNetConfig:
   """The unified student's UNet: the teacher's plus a table of K embeddings (rows 0..max K) added to
-  the time embedding, Diffusers' `num_class_embeds` mechanism; `with_step_table` starts it at zero."""
+  the time embedding, Diffusers' `num_class_embeds` mechanism; `step_table` starts it at zero."""
   if unet_config.num_class_embeds is not None:
     raise ValueError(f"the teacher's UNet already has num_class_embeds={unet_config.num_class_embeds}; "
                      f"tdm.step_choices needs that slot for the step count: leave tdm.step_choices empty")
   return dataclasses.replace(unet_config, num_class_embeds=max(step_choices) + 1)
 
 
-def with_step_table(params, unet_config: UNetConfig, step_choices):
-  """`params` plus the unified student's all-zero K table: it computes exactly the teacher's function."""
+def step_table(unet_config: UNetConfig, step_choices) -> dict:
+  """The unified student's all-zero K table, as a parameter subtree: with it the student computes
+  exactly the teacher's function."""
   rows = step_conditioned(unet_config, step_choices).num_class_embeds
-  return {**params, student_io.STEP_EMBEDDING: {"embedding": jnp.zeros((rows, unet_config.time_embed_dim),
-                                                                       jnp.float32)}}
+  return {student_io.STEP_EMBEDDING: {"embedding": jnp.zeros((rows, unet_config.time_embed_dim), jnp.float32)}}
 
 
 def lora_unet_apply(model: UNet2DConditionModel, cfg: lora.LoraConfig):
-  """`(base, adapters, x_t, t, cond)` -> the UNet with adapters on its Dense layers (no merged copy)."""
+  """`(base, adapters, x_t, t, cond, num_steps=None)` -> the UNet with adapters on its Dense layers (no
+  merged copy); the adapter tree's leaves trained in full (a unified student's K table) join the base."""
   forward = unet_apply(model)
 
-  def adapted(base, adapters, x_t, t, cond):
-    with lora.adapters_applied(adapters, cfg):
-      return forward(base, x_t, t, cond, adapters)
+  def adapted(base, adapters, x_t, t, cond, **extra):
+    pairs, _ = lora.split_full(adapters)
+    with lora.adapters_applied(pairs, cfg):
+      return forward(lora.with_full(base, adapters), x_t, t, cond, pairs, **extra)
 
   return adapted
 
@@ -265,10 +267,6 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
   del progress  # conversion has no progress bar
   lora_cfg = lora_config(config)
   choices = tuple(config.tdm.step_choices)
-  if choices and lora_cfg is not None:
-    raise ValueError("tdm.step_choices with a LoRA student (model.lora_rank > 0) is not supported yet: its step "
-                     "table is not a LoRA weight and the LoRA files could not carry it; use full copies "
-                     "(--config.model.lora_rank=0) or leave tdm.step_choices empty")
   c = components(config, workdir)
   unet_config = c.unet_config
   dtype = jnp.dtype(config.model.dtype)
@@ -322,18 +320,23 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
   schedule = from_diffusers_config(folders.read_config(folders.component_path(c.files, "scheduler")))
   latent = resolution // factor
   apply = unet_apply(model)
-  full_copy = lambda teacher, key: jax.tree.map(lambda x: x.astype(jnp.float32), teacher)
-  student_apply = trainable_axes = None
+  as_float32 = lambda teacher: jax.tree.map(lambda x: x.astype(jnp.float32), teacher)
+  init = None if lora_cfg else (lambda teacher, key: as_float32(teacher))
+  adapted_model, student_apply, trainable_axes = model, None, None
   if choices:  # unified TDM: student and fake score are told K through a zero-initialised table
-    student_apply = unet_apply(model.clone(config=step_conditioned(unet_config, choices)))
-    full_copy = lambda teacher, key: with_step_table(jax.tree.map(lambda x: x.astype(jnp.float32), teacher),
-                                                     unet_config, choices)
+    adapted_model = model.clone(config=step_conditioned(unet_config, choices))
+    student_apply = unet_apply(adapted_model)
     trainable_axes = {**c.axes["unet"], student_io.STEP_EMBEDDING: {"embedding": ("classes", "embed")}}
+    if lora_cfg:  # the table is trained in full beside the adapters
+      init = lambda teacher, key: {**lora.init_adapters(key, teacher, lora_cfg),
+                                   **lora.in_full(step_table(unet_config, choices))}
+    else:
+      init = lambda teacher, key: {**as_float32(teacher), **step_table(unet_config, choices)}
   return Task(apply=apply, teacher_params=frozen["unet"], schedule=schedule,
               sample_shape=(unet_config.in_channels, latent, latent), batch=batch, local_batch=local_batch,
               student_apply=student_apply, fake_apply=student_apply,
-              student_init=None if lora_cfg else full_copy, fake_init=None if lora_cfg else full_copy,
-              lora=lora_cfg, lora_apply=lora_unet_apply(model, lora_cfg) if lora_cfg else None,
+              student_init=init, fake_init=init,
+              lora=lora_cfg, lora_apply=lora_unet_apply(adapted_model, lora_cfg) if lora_cfg else None,
               param_axes=c.axes["unet"], trainable_axes=trainable_axes,
               conditioner={k: v for k, v in frozen.items() if k != "unet"},
               conditioner_axes={enc: c.axes[enc] for _, enc in c.encoder_names}, condition=condition)
@@ -359,7 +362,10 @@ def export(config, workdir: str, student_params) -> str:
   trained K, `pipeline_{K}step/` and `unet_{K}step/`, its K folded into the UNet (the text encoders and
   VAE are linked from the first). A LoRA student also as `lora/pytorch_lora_weights.safetensors`
   (Diffusers' `load_lora_weights`) and `lora_kohya.safetensors` (ComfyUI / A1111 / kohya key format),
-  the merged folders holding the full-precision base plus its adapters."""
+  the merged folders holding the full-precision base plus its adapters. A unified LoRA student's
+  K table is not low-rank: each K's row goes into `lora_{K}step/` (`lora_io.save_step_lora`), a
+  second adapter loaded beside `lora/`; kohya files have no slot for it (Diffusers drops their bias
+  keys for SDXL UNets), so none is written."""
   if is_shape_only(config, workdir):
     raise ValueError("this run has random weights (no teacher.pipeline): there is no student worth exporting; "
                      "set --config.teacher.pipeline=PATH to distil a real teacher")
@@ -370,14 +376,21 @@ def export(config, workdir: str, student_params) -> str:
   trees = dict(pipeline_io.load_converted(out))
   student = jax.device_get(student_params)
   lora_cfg = lora_config(config)
+  counts = exported_step_counts(config)
   if lora_cfg is not None:
     lora_io.save_lora(os.path.join(dest, "lora"), student, lora_cfg, unet_config)
-    lora_io.save_kohya_lora(os.path.join(dest, "lora_kohya.safetensors"), student, lora_cfg, unet_config)
+    if config.tdm.step_choices:
+      table = lora.split_full(student)[1][(student_io.STEP_EMBEDDING, "embedding")]
+      for k in counts:
+        lora_io.save_step_lora(os.path.join(dest, f"lora_{k}step"), student_io.step_row(table, k), unet_config)
+      logging.warning("unified LoRA student: no lora_kohya.safetensors (kohya files cannot carry the step "
+                      "table); use lora/ with lora_{K}step/ in Diffusers, or the merged pipeline_{K}step/")
+    else:
+      lora_io.save_kohya_lora(os.path.join(dest, "lora_kohya.safetensors"), student, lora_cfg, unet_config)
     base = jax.tree.map(lambda x: np.asarray(x, np.float32), trees["unet"])
     student = jax.device_get(lora.merge(base, student, lora_cfg))
   total_steps = int(config.tdm.total_steps)
   scheduler = student_io.scheduler_config(folders.read_config(folders.component_path(files, "scheduler")))
-  counts = exported_step_counts(config)
   bad = student_io.mismatched_counts(scheduler, total_steps, counts)
   if bad:
     logging.warning("tdm.total_steps=%d: a stock Diffusers scheduler cannot give the student's timesteps at %s "

@@ -12,6 +12,11 @@ a nested dict keyed by the same paths as the base, with the kernel leaf replaced
 
     adapters["down_blocks_1"]["attentions_0"]["transformer_blocks_0"]["attn1"]["to_q"]["kernel"]["a"]
 
+Beside them the tree may hold parameters trained in full (PEFT's `modules_to_save`), each as a
+leaf named "full" under its parameter's path: `adapters["class_embedding"]["embedding"]["full"]`
+replaces (or, when the base has none, adds) `base["class_embedding"]["embedding"]`. A unified
+student's step-count table is one: a new parameter, too small to need a low-rank form.
+
 Two ways to run a model with adapters, the same function of (base, adapters):
 
 - `merge(base, adapters, cfg)` gives a plain tree for any apply function (export, samplers);
@@ -39,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 Path = Tuple[str, ...]
+FULL = "full"  # the leaf name of a parameter trained in full beside the adapters
 
 # Attention projections (to_q/to_k/to_v/to_out.0) and the feed-forward (GEGLU proj in, linear out)
 # of Diffusers-style transformer blocks.
@@ -129,18 +135,45 @@ def init_adapters(key: jax.Array, base_params, cfg: LoraConfig) -> Dict[str, Any
   return flax.traverse_util.unflatten_dict(out)
 
 
+def in_full(params) -> Dict[str, Any]:
+  """`params` (a nested dict of arrays) as adapter-tree entries trained in full: each leaf x -> {"full": x}."""
+  return jax.tree.map(lambda x: {FULL: x}, params)
+
+
+def split_full(adapters) -> Tuple[Dict[str, Any], Dict[Path, Any]]:
+  """(the low-rank pairs as a tree, {parameter path: value} of the leaves trained in full)."""
+  flat = _flatten(adapters)
+  full = {p[:-1]: v for p, v in flat.items() if p[-1] == FULL}
+  pairs = flax.traverse_util.unflatten_dict({p: v for p, v in flat.items() if p[-1] != FULL})
+  return pairs, full
+
+
 def adapter_items(adapters) -> Dict[Path, Tuple[Any, Any]]:
-  """{kernel path: (a, b)} of an adapter tree."""
+  """{kernel path: (a, b)} of an adapter tree (its leaves trained in full left out)."""
   flat = _flatten(adapters)
   pairs: Dict[Path, Dict[str, Any]] = {}
   for path, value in flat.items():
+    if path[-1] == FULL:
+      continue
     if path[-1] not in ("a", "b"):
-      raise ValueError(f"not an adapter tree: leaf {'/'.join(path)} is neither 'a' nor 'b'")
+      raise ValueError(f"not an adapter tree: leaf {'/'.join(path)} is neither 'a', 'b' nor '{FULL}'")
     pairs.setdefault(path[:-1], {})[path[-1]] = value
   broken = sorted("/".join(p) for p, ab in pairs.items() if set(ab) != {"a", "b"})
   if broken:
     raise ValueError(f"adapters without both 'a' and 'b': {broken}")
   return {p: (ab["a"], ab["b"]) for p, ab in sorted(pairs.items())}
+
+
+def with_full(base_params, adapters):
+  """`base_params` with the adapter tree's leaves trained in full put in place (no kernel merged): the
+  "params" the adapted model runs with under `adapters_applied`. Only dicts are rebuilt, no array copied."""
+  _, full = split_full(adapters)
+  if not full:
+    return base_params
+  flat = _flatten(base_params)
+  flat.update(full)
+  out = flax.traverse_util.unflatten_dict(flat)
+  return flax.core.freeze(out) if isinstance(base_params, flax.core.FrozenDict) else out
 
 
 def delta(a, b, cfg: LoraConfig):
@@ -150,12 +183,13 @@ def delta(a, b, cfg: LoraConfig):
 
 
 def merge(base_params, adapters, cfg: LoraConfig):
-  """`base_params` with W + (alpha / r) * a @ b at every adapted kernel, cast back to W's dtype.
+  """`base_params` with W + (alpha / r) * a @ b at every adapted kernel, cast back to W's dtype, and
+  the leaves trained in full put in place (as `with_full`).
 
   Pure and jittable; the structure (and any flax partitioning boxes) of `base_params` is kept.
   """
   items = adapter_items(adapters)
-  flat = _flatten(base_params)
+  flat = _flatten(with_full(base_params, adapters))
   missing = sorted("/".join(p) for p in items if p not in flat)
   if missing:
     raise ValueError(f"adapters for kernels the base does not have: {missing[:8]}")
@@ -217,13 +251,15 @@ def adapters_applied(adapters, cfg: LoraConfig):
 
 
 def adapter_axes(base_axes, adapters):
-  """Logical axis names of an adapter tree from its base kernels' names: a (in, -), b (-, out).
+  """Logical axis names of an adapter tree from its base kernels' names: a (in, -), b (-, out); a
+  leaf trained in full takes its parameter's names.
 
-  `base_axes` is the base's tree of logical-name tuples (see `sharding.logical_axes`), so
-  adapters shard along the same model dimensions as the kernels they adapt.
+  `base_axes` is the base's tree of logical-name tuples (see `sharding.logical_axes`; it must name
+  the parameters trained in full that the base lacks), so adapters shard along the same model
+  dimensions as the kernels they adapt.
   """
   flat_axes = flax.traverse_util.flatten_dict(flax.core.unfreeze(base_axes), is_leaf=lambda _, v: v is None or isinstance(v, tuple))
-  out = {}
+  out = {path + (FULL,): flat_axes.get(path) for path in split_full(adapters)[1]}
   for path in adapter_items(adapters):
     names = flat_axes.get(path)
     names = tuple(names) if names is not None and len(names) == 2 else (None, None)

@@ -46,9 +46,14 @@ class TDMConfig:
   huber_norm_coef: float = 0.00054  # paper: c = coef * sqrt(elements per sample)
   normalizer_floor: float = 1e-8  # keeps the per-sample normaliser d away from 0
   step_choices: tuple = ()  # "unified" TDM: K drawn per iteration from these; student and fake score get `num_steps=K`
+  step_weights: tuple = ()  # relative odds of each of step_choices (empty: uniform)
   condition_fake_on_segment: bool = False  # fake score gets `segment=k` (meant for "shared" mode)
 
   def __post_init__(self):
+    if self.step_weights and (len(self.step_weights) != len(self.step_choices)
+                              or not all(w > 0 for w in self.step_weights)):
+      raise ValueError(f"tdm.step_weights={self.step_weights} must hold one positive weight per entry of "
+                       f"tdm.step_choices={self.step_choices} (or be empty: every K equally often)")
     if self.loss_type not in LOSS_TYPES:
       raise ValueError(f"tdm.loss_type={self.loss_type!r}; expected one of {LOSS_TYPES}")
     if self.interval_mode not in INTERVAL_MODES:
@@ -70,6 +75,7 @@ class TDMConfig:
     """From an ml_collections ConfigDict (or dict) of the same fields."""
     values = dict(config)
     values["step_choices"] = tuple(int(k) for k in values.get("step_choices", ()))
+    values["step_weights"] = tuple(float(w) for w in values.get("step_weights", ()))
     return cls(**values)
 
   @property
@@ -396,6 +402,17 @@ def _iteration_for_k(num_steps, state: TDMState, teacher_params, cond, uncond, k
   return new_state, metrics
 
 
+def draw_step_count(cfg: TDMConfig, key: jax.Array) -> jax.Array:
+  """Unified TDM's K of the iteration with key `key`: one of `cfg.step_choices`, with the odds of
+  `cfg.step_weights` (uniform when empty), as a traced int32."""
+  step_key = rng.role_key(key, rng.Role.STEP_COUNT)
+  counts = jnp.asarray(cfg.step_choices, jnp.int32)
+  if cfg.step_weights:
+    odds = np.asarray(cfg.step_weights, np.float32)
+    return counts[jax.random.choice(step_key, len(cfg.step_choices), p=jnp.asarray(odds / odds.sum()))]
+  return counts[jax.random.randint(step_key, (), 0, len(cfg.step_choices))]
+
+
 def tdm_iteration(state: TDMState, teacher_params, cond, uncond, key, *, nets: Networks, schedule: Schedule,
                   cfg: TDMConfig, student_tx: optax.GradientTransformation, fake_tx: optax.GradientTransformation,
                   sample_shape: tuple, ema_decay: float = 0.0):
@@ -403,7 +420,7 @@ def tdm_iteration(state: TDMState, teacher_params, cond, uncond, key, *, nets: N
 
   cond / uncond: conditioning pytrees with a leading batch axis (uncond is what the teacher's
   classifier-free guidance contrasts with). key: this iteration's key (see rng.iteration_key).
-  With `cfg.step_choices`, K is drawn per iteration and is a traced value of the one program: the
+  With `cfg.step_choices`, K is drawn per iteration (uniformly, or with `cfg.step_weights`) and is a traced value of the one program: the
   rollout has max K slots of which the first K run, and every grid is computed from K, so the
   iteration compiles once, holds one copy of the networks' code, and costs what its K costs.
   """
@@ -412,5 +429,4 @@ def tdm_iteration(state: TDMState, teacher_params, cond, uncond, key, *, nets: N
   counts = cfg.all_step_counts
   if len(counts) == 1:
     return body(counts[0], state, teacher_params, cond, uncond, key)
-  index = jax.random.randint(rng.role_key(key, rng.Role.STEP_COUNT), (), 0, len(counts))
-  return body(jnp.asarray(counts, jnp.int32)[index], state, teacher_params, cond, uncond, key)
+  return body(draw_step_count(cfg, key), state, teacher_params, cond, uncond, key)

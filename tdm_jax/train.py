@@ -55,7 +55,8 @@ class Task:
   param_axes / conditioner_axes: trees of logical axis names (tuples) of the teacher's and the
     conditioner's parameters, for the sharding rules; None leaves only the fsdp size guard.
   trainable_axes: those of full-copy student and fake score when their tree is not the teacher's
-    (e.g. a unified student's extra step table).
+    (e.g. a unified student's extra step table); with LoRA, those of the base plus any parameter
+    the adapter tree trains in full that the base lacks.
   """
   apply: Callable
   teacher_params: PyTree
@@ -188,8 +189,8 @@ class Plan(NamedTuple):
 def _trainable_axes(task: Task, abstract_trainable):
   if task.param_axes is None:
     return None
-  if task.lora is not None:
-    return lora.adapter_axes(task.param_axes, abstract_trainable)
+  if task.lora is not None:  # trainable_axes, when given, also names the parameters trained in full
+    return lora.adapter_axes(task.trainable_axes or task.param_axes, abstract_trainable)
   for axes in (task.trainable_axes, task.param_axes):
     if axes is not None and _same_structure(abstract_trainable, axes):
       return axes

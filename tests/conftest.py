@@ -43,3 +43,34 @@ def toy_teacher_dir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("toy_teacher"))
   toy_task.teacher_params(tiny_toy_config(), workdir, progress=False)
   return workdir
+
+
+SDXL_PROMPTS = ("a red circle", "a blue square on white background")
+
+
+@pytest.fixture(scope="session")
+def distilled_sdxl(tmp_path_factory):
+  """configs/sdxl.py on a tiny SDXL pipeline, as a user runs it: converted, then distilled for three
+  iterations (a LoRA student for 1, 2 and 4 steps), exported and evaluated, stock Diffusers rows
+  included. (pipe, config, workdir, task, state); a test that changes the config changes a copy."""
+  import tiny_pipeline  # pylint: disable=g-import-not-at-top
+  from tdm_jax import diffusers_task  # pylint: disable=g-import-not-at-top
+  from tdm_jax import main as tdm_main  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("sdxl")
+  pipe = tiny_pipeline.make_tiny_sdxl_pipeline(root / "pipeline", transformer_depth=(1, 1))
+  prompt_file = root / "prompts.txt"
+  prompt_file.write_text(SDXL_PROMPTS[0] + "\n\n" + SDXL_PROMPTS[1] + "\n")
+  config = tiny_pipeline.tiny_sdxl_config(root / "pipeline", prompt_file)
+  config.model.attention = "auto"
+  config.tdm.guidance_scale = 2.0
+  config.optim.student_lr = 1e-2  # large, so that three iterations move the adapters visibly
+  config.optim.lr_scales = (("^class_embedding/", 10.0),)  # and the K table (configs/sdxl.py: 100x 1e-6)
+  config.train.num_iterations = 3
+  config.train.checkpoint_every = 3
+  config.eval.num_samples = 2
+  config.eval.teacher_steps = (2,)
+  config.eval.student_steps = (1, 2)
+  workdir = str(root / "work")
+  assert tdm_main.run(config, workdir, "convert") == os.path.join(workdir, "converted")
+  state = tdm_main.run(config, workdir, "train")
+  return pipe, config, workdir, diffusers_task.build_task(config, workdir), state

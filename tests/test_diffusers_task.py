@@ -1,5 +1,7 @@
 """A Diffusers SDXL pipeline end to end: convert, distil, evaluate, export, and load back in Diffusers."""
 
+import copy
+import json
 import os
 
 import jax
@@ -7,108 +9,120 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO  # noqa: F401 (puts the repo on sys.path)
+from conftest import SDXL_PROMPTS
 import tiny_pipeline
 
 from tdm_jax import main as tdm_main
-from tdm_jax import train
 from tdm_jax.convert import folders
 
 
 def _config(pipeline_dir, prompt_file):
-  config = tiny_pipeline.tiny_sdxl_config(pipeline_dir, prompt_file)
-  config.model.attention = "auto"
-  config.tdm.guidance_scale = 2.0
-  config.optim.student_lr = 1e-2  # large, so that two iterations move the adapters visibly
-  config.train.num_iterations = 2
-  config.train.checkpoint_every = 2
-  config.eval.num_samples = 2
-  config.eval.teacher_steps = (2,)
-  config.eval.student_steps = (1,)
-  return config
+  return tiny_pipeline.tiny_sdxl_config(pipeline_dir, prompt_file)
 
 
-@pytest.fixture(scope="module")
-def distilled(tmp_path_factory):
-  root = tmp_path_factory.mktemp("sdxl")
-  pipe = tiny_pipeline.make_tiny_sdxl_pipeline(root / "pipeline")
-  prompt_file = root / "prompts.txt"
-  prompt_file.write_text("a red circle\n\na blue square on white background\n")
-  config = _config(root / "pipeline", prompt_file)
-  workdir = str(root / "work")
-  assert tdm_main.run(config, workdir, "convert") == os.path.join(workdir, "converted")
-  state = tdm_main.run(config, workdir, "train")
-  return pipe, config, workdir, state
-
-
-def test_convert_writes_trees_and_pipeline_files(distilled):
-  _, _, workdir, _ = distilled
+def test_convert_writes_trees_and_pipeline_files(distilled_sdxl):
+  workdir = distilled_sdxl[2]
   files = os.path.join(workdir, "converted", "pipeline")
   assert sorted(os.listdir(files)) == ["model_index.json", "scheduler", "text_encoder", "text_encoder_2",
                                        "tokenizer", "tokenizer_2", "unet", "vae"]
   assert not any(name.endswith(".safetensors") for _, _, names in os.walk(files) for name in names)
 
 
-def test_training_and_evaluation_outputs(distilled):
-  _, _, workdir, state = distilled
-  assert int(state.step) == 2
-  assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
-  grids = sorted(os.listdir(os.path.join(workdir, "eval")))
-  assert "table.md" in grids and any(name.endswith(".png") for name in grids)
+def test_training_export_and_evaluation_outputs(distilled_sdxl):
+  """One run writes the checkpoint, the export and the evaluation, whose stock Diffusers rows (the
+  exported pipelines called with prompts, step count and latents) are our sampler's images."""
+  _, config, workdir, _, state = distilled_sdxl
+  assert int(state.step) == 3
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "3"))
+  assert sorted(os.listdir(os.path.join(workdir, "export"))) == [
+      "lora", "lora_1step", "lora_2step", "lora_4step", "pipeline_1step", "pipeline_2step", "pipeline_4step",
+      "unet_1step", "unet_2step", "unet_4step"]  # no kohya file: it cannot carry the K table
+  with open(os.path.join(workdir, "eval", "table.json")) as f:
+    rows = json.load(f)
+  assert [r["sampler"] for r in rows] == [f"teacher, 2 DDIM steps, CFG {config.tdm.guidance_scale}",
+                                          "TDM student, 1 steps", "TDM student, 2 steps",
+                                          "exported pipeline in stock Diffusers, 1 steps",
+                                          "exported pipeline in stock Diffusers, 2 steps"]
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for k in (1, 2):
+    ours, theirs = (np.asarray(Image.open(os.path.join(workdir, "eval", f"{role}_{k}nfe.png")), np.int16)
+                    for role in ("student", "diffusers"))
+    assert np.abs(ours - theirs).max() <= 1  # the same images, up to rounding to 8 bits
 
 
-def test_exported_student_loads_in_diffusers_and_matches(distilled):
-  import torch  # pylint: disable=g-import-not-at-top
-  from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel  # pylint: disable=g-import-not-at-top
-  _, config, workdir, state = distilled
-  export = tdm_main.run(config, workdir, "export")
-  unet = UNet2DConditionModel.from_pretrained(os.path.join(export, "unet")).eval()
-  task = tdm_main.task_module(config).build_task(config, workdir)
-  cond, _ = task.conditioning(task.conditioner, task.batch(0, 2))  # token ids -> encoder states
-  x = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
-  t = np.array([999, 300])
-  student = train.sampling_params(task, train.student_params(state))  # the base merged with its adapters
-  ours = np.asarray(task.apply(student, jnp.asarray(x), jnp.asarray(t), cond))
-  with torch.no_grad():
-    theirs = unet(torch.from_numpy(x), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(
-        np.asarray(cond["encoder_hidden_states"])), added_cond_kwargs={
-            "text_embeds": torch.from_numpy(np.asarray(cond["text_embeds"])),
-            "time_ids": torch.from_numpy(np.asarray(cond["time_ids"]))}).sample.numpy()
-  assert np.max(np.abs(ours - theirs)) <= 1e-4 * max(1.0, np.max(np.abs(theirs)))
-  # The student moved away from the teacher, and the whole exported pipeline loads.
-  teacher = np.asarray(task.apply(task.teacher_params, jnp.asarray(x), jnp.asarray(t), cond))
-  assert np.max(np.abs(teacher - ours)) > 0
-  pipe = StableDiffusionXLPipeline.from_pretrained(os.path.join(export, "pipeline"), add_watermarker=False)
-  assert pipe.unet.config.sample_size == 8
+def _teacher_pipeline(config):
+  from diffusers import StableDiffusionXLPipeline  # pylint: disable=g-import-not-at-top
+  pipe = StableDiffusionXLPipeline.from_pretrained(config.teacher.pipeline, add_watermarker=False)
+  pipe.set_progress_bar_config(disable=True)
+  return pipe
 
 
-def test_lora_files_in_the_teacher_pipeline_sample_like_the_exported_student(distilled):
-  """Both LoRA files, loaded into the teacher's own pipeline with `load_lora_weights`, make the images of
-  the exported (merged) pipeline, given the call README.md shows: the student's scheduler, no guidance."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from diffusers import DDIMScheduler, StableDiffusionXLPipeline  # pylint: disable=g-import-not-at-top
-  _, config, workdir, _ = distilled
-  export = os.path.join(workdir, "export")
-  prompts = ["a red circle", "a blue square on white background"]
-  latents = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32))
-  k = config.tdm.num_student_steps
-  merged = StableDiffusionXLPipeline.from_pretrained(os.path.join(export, "pipeline"), add_watermarker=False)
+def _merged_images(folder, k, latents):
+  from diffusers import StableDiffusionXLPipeline  # pylint: disable=g-import-not-at-top
+  merged = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
   merged.set_progress_bar_config(disable=True)
-  want = merged(prompts, num_inference_steps=k, latents=latents, output_type="np").images
-  teacher = StableDiffusionXLPipeline.from_pretrained(config.teacher.pipeline, add_watermarker=False)
-  teacher.set_progress_bar_config(disable=True)
+  return merged(list(SDXL_PROMPTS), num_inference_steps=k, latents=latents, output_type="np").images
+
+
+def test_lora_files_of_a_unified_student_in_the_teacher_pipeline(distilled_sdxl):
+  """`lora/` and each `lora_{K}step/`, loaded into the teacher's own pipeline with `load_lora_weights`
+  and switched with `set_adapters`, make the images of the merged `pipeline_{K}step`, given the call
+  README.md shows: the student's scheduler, no guidance."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffusers import DDIMScheduler  # pylint: disable=g-import-not-at-top
+  _, config, workdir, _, _ = distilled_sdxl
+  export = os.path.join(workdir, "export")
+  latents = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32))
+  teacher = _teacher_pipeline(config)
+  teacher.load_lora_weights(os.path.join(export, "lora"), adapter_name="tdm")
+  for k in (1, 2, 4):
+    teacher.load_lora_weights(os.path.join(export, f"lora_{k}step"), adapter_name=f"tdm_{k}step")
+  for k in (1, 2, 4):
+    folder = os.path.join(export, f"pipeline_{k}step")
+    want = _merged_images(folder, k, latents)
+    teacher.scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+    call = lambda: teacher(list(SDXL_PROMPTS), num_inference_steps=k, guidance_scale=1.0, latents=latents,
+                           output_type="np").images
+    teacher.set_adapters(["tdm", f"tdm_{k}step"])
+    np.testing.assert_allclose(call(), want, atol=2e-4, err_msg=f"K={k}")
+    if k == 1:  # K's row matters, so the comparison above can fail
+      teacher.set_adapters(["tdm"])
+      assert np.abs(call() - want).max() > 1e-3
+
+
+def test_lora_files_of_a_fixed_k_student_in_the_teacher_pipeline(distilled_sdxl, tmp_path):
+  """A K = 4 LoRA student (no step table): both its files, the Diffusers one and the kohya one, loaded
+  into the teacher's pipeline make the exported pipeline's images."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffusers import DDIMScheduler  # pylint: disable=g-import-not-at-top
+  from tdm_jax import diffusers_task, lora  # pylint: disable=g-import-not-at-top
+  _, config, workdir, task, _ = distilled_sdxl
+  config = copy.deepcopy(config)
+  config.tdm.step_choices = ()
+  config.teacher.converted = os.path.join(workdir, "converted")
+  cfg = diffusers_task.lora_config(config)
+  adapters = lora.init_adapters(jax.random.key(0), task.teacher_params, cfg)
+  adapters = jax.tree_util.tree_map_with_path(  # b random (not zero), so that the adapters matter
+      lambda path, x: 0.05 * jax.random.normal(jax.random.key(1), x.shape) if path[-1].key == "b" else x, adapters)
+  export = diffusers_task.export(config, str(tmp_path), adapters)
+  assert not os.path.exists(os.path.join(export, "lora_4step"))
+  latents = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32))
+  want = _merged_images(os.path.join(export, "pipeline"), 4, latents)
+  teacher = _teacher_pipeline(config)
   teacher.scheduler = DDIMScheduler.from_pretrained(os.path.join(export, "pipeline"), subfolder="scheduler")
-  plain = teacher(prompts, num_inference_steps=k, guidance_scale=1.0, latents=latents, output_type="np").images
-  assert np.abs(plain - want).max() > 1e-3  # the adapters matter, so the comparison below can fail
+  call = lambda: teacher(list(SDXL_PROMPTS), num_inference_steps=4, guidance_scale=1.0, latents=latents,
+                         output_type="np").images
+  assert np.abs(call() - want).max() > 1e-3  # the adapters matter, so the comparisons below can fail
   for source, name in ((os.path.join(export, "lora"), None), (export, "lora_kohya.safetensors")):
     teacher.load_lora_weights(source, weight_name=name)
-    got = teacher(prompts, num_inference_steps=k, guidance_scale=1.0, latents=latents, output_type="np").images
+    got = call()
     teacher.unload_lora_weights()
     np.testing.assert_allclose(got, want, atol=2e-4, err_msg=name or "diffusers format")
 
 
-def test_missing_prompt_file_is_named(distilled, tmp_path):
-  _, config, workdir, _ = distilled
+def test_missing_prompt_file_is_named(distilled_sdxl, tmp_path):
+  _, config, workdir, _, _ = distilled_sdxl
+  config = copy.deepcopy(config)
   config.data.prompt_file = str(tmp_path / "none.txt")
   with pytest.raises(FileNotFoundError, match="none.txt"):
     tdm_main.task_module(config).build_task(config, workdir)
@@ -120,11 +134,11 @@ def test_missing_pipeline_folder_is_named(tmp_path):
     tdm_main.run(config, str(tmp_path / "w"), "convert")
 
 
-def test_converted_trees_restore_sharded(distilled):
+def test_converted_trees_restore_sharded(distilled_sdxl):
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   from tdm_jax import sharding  # pylint: disable=g-import-not-at-top
   from tdm_jax.convert import pipeline as pipeline_io  # pylint: disable=g-import-not-at-top
-  _, _, workdir, _ = distilled
+  workdir = distilled_sdxl[2]
   mesh = sharding.make_mesh((-1, 1, 1))
   n = mesh.shape["data"]
   split = lambda path, shape: NamedSharding(mesh, P("data") if shape and shape[0] % n == 0 else P())

@@ -1,6 +1,8 @@
-"""One unified student for 1, 2 and 4 steps on a Diffusers UNet, exported so that a stock Diffusers
-call with only prompts, the step count and the latents makes our sampler's images."""
+"""One unified student for 1, 2 and 4 steps on a Diffusers UNet (configs/sdxl.py: LoRA, the K table
+trained in full), exported so that a stock Diffusers call with only prompts, the step count and the
+latents makes our sampler's images."""
 
+import copy
 import json
 import os
 import shutil
@@ -10,43 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO  # noqa: F401 (puts the repo on sys.path)
+from conftest import SDXL_PROMPTS
 import tiny_pipeline
 
-from tdm_jax import diffusers_task, sample, sharding, train
+from tdm_jax import diffusers_task, lora, sample, sharding, train
 from tdm_jax import main as tdm_main
 from tdm_jax.convert import folders
 from tdm_jax.convert import pipeline as pipeline_io
 from tdm_jax.convert import student as student_io
 from tdm_jax.models.vae import AutoencoderKL, VAEConfig
 
-CHOICES = (1, 2, 4)
-PROMPTS = ["a red circle", "a blue square on white background"]
-
-
-def _config(pipeline_dir, prompt_file):
-  config = tiny_pipeline.tiny_sdxl_config(pipeline_dir, prompt_file)
-  config.model.lora_rank = 0  # full copies: the unified student's step table is a weight of its own
-  config.tdm.step_choices = CHOICES
-  config.optim.student_lr = 1e-3  # large, so that three iterations move the student visibly
-  config.train.num_iterations = 3
-  config.train.checkpoint_every = 3
-  config.train.evaluate_after = False
-  config.train.export_after = False
-  return config
-
-
-@pytest.fixture(scope="module")
-def unified(tmp_path_factory):
-  root = tmp_path_factory.mktemp("unified")
-  tiny_pipeline.make_tiny_sdxl_pipeline(root / "pipeline", transformer_depth=(1, 1))
-  prompt_file = root / "prompts.txt"
-  prompt_file.write_text("\n".join(PROMPTS) + "\n")
-  config = _config(root / "pipeline", prompt_file)
-  workdir = str(root / "work")
-  state = tdm_main.run(config, workdir, "train")
-  task = diffusers_task.build_task(config, workdir)
-  return config, workdir, task, state
+CHOICES = (1, 2, 4)  # configs/sdxl.py's
 
 
 def _our_images(config, workdir, task, params, z, num_steps):
@@ -54,7 +30,7 @@ def _our_images(config, workdir, task, params, z, num_steps):
   converted = os.path.join(workdir, "converted")
   files = os.path.join(converted, "pipeline")
   trees = pipeline_io.load_converted(converted)
-  cond, _ = diffusers_task.prompt_encoder(files, trees, config.model.resolution)(PROMPTS)
+  cond, _ = diffusers_task.prompt_encoder(files, trees, config.model.resolution)(list(SDXL_PROMPTS))
   latents = sample.student_sample(task.student_apply, params, task.schedule, jnp.asarray(z), cond,
                                   num_steps=num_steps, total_steps=config.tdm.total_steps, step_conditioning=True)
   vae = AutoencoderKL(VAEConfig.from_dict(folders.read_config(os.path.join(files, "vae"))))
@@ -62,37 +38,47 @@ def _our_images(config, workdir, task, params, z, num_steps):
   return np.clip(images.transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
 
 
-def test_unified_student_and_fake_score_start_equal_to_the_teacher(unified):
-  config, _, task, _ = unified
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_unified_student_and_fake_score_start_equal_to_the_teacher(distilled_sdxl, lora_rank):
+  """With LoRA (the K table trained in full beside zero-effect adapters) and as full copies."""
+  _, config, workdir, _, _ = distilled_sdxl
+  config = copy.deepcopy(config)
+  config.model.lora_rank, config.model.lora_alpha = lora_rank, 2.0 * lora_rank
+  task = diffusers_task.build_task(config, workdir)
   mesh = sharding.make_mesh(config.mesh.shape)
   with jax.set_mesh(mesh):
     fresh = train.initial_state(task, config, train.plan(task, config, mesh), task.teacher_params)
   table = fresh.student_params[student_io.STEP_EMBEDDING]["embedding"]
+  table = table[lora.FULL] if lora_rank else table
   assert table.shape[0] == max(CHOICES) + 1 and float(jnp.abs(table).max()) == 0.0
   cond, _ = task.conditioning(task.conditioner, task.batch(0, 2))
   x = jax.random.normal(jax.random.key(1), (2, 4, 8, 8))
   t = jnp.array([999, 400])
-  teacher = task.apply(task.teacher_params, x, t, cond)
+  nets = task.networks_over(task.teacher_params)  # what the compiled step runs
+  teacher = nets.teacher(task.teacher_params, x, t, cond)
+  ours = nets.student(fresh.student_params, x, t, cond, num_steps=jnp.full((2,), CHOICES[0]))
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(teacher))  # op by op: bitwise
+  student = jax.jit(nets.student)  # compiled, XLA may fuse the added zeros differently: to rounding
   for k in CHOICES:
     for params in (fresh.student_params, fresh.fake_params):
-      ours = task.student_apply(params, x, t, cond, num_steps=jnp.full((2,), k))
-      np.testing.assert_array_equal(np.asarray(ours), np.asarray(teacher))
+      ours = student(params, x, t, cond, num_steps=jnp.full((2,), k))
+      np.testing.assert_allclose(np.asarray(ours), np.asarray(teacher), rtol=1e-5, atol=1e-5)
 
 
-def test_stock_diffusers_call_makes_our_images_for_every_trained_step_count(unified):
+def test_stock_diffusers_call_makes_our_images_for_every_trained_step_count(distilled_sdxl):
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import StableDiffusionXLPipeline  # pylint: disable=g-import-not-at-top
-  config, workdir, task, state = unified
-  export = tdm_main.run(config, workdir, "export")
+  _, config, workdir, task, state = distilled_sdxl
+  export = os.path.join(workdir, "export")
   assert sorted(n for n in os.listdir(export) if n.startswith("pipeline")) == [f"pipeline_{k}step" for k in CHOICES]
   params = train.sampling_params(task, train.student_params(state))
-  z = np.random.default_rng(0).standard_normal((len(PROMPTS), 4, 8, 8)).astype(np.float32)
+  z = np.random.default_rng(0).standard_normal((len(SDXL_PROMPTS), 4, 8, 8)).astype(np.float32)
   seen = []
   for k in CHOICES:
     pipe = StableDiffusionXLPipeline.from_pretrained(os.path.join(export, f"pipeline_{k}step"),
                                                      add_watermarker=False)
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(PROMPTS, num_inference_steps=k, latents=torch.from_numpy(z), output_type="np").images
+    theirs = pipe(list(SDXL_PROMPTS), num_inference_steps=k, latents=torch.from_numpy(z), output_type="np").images
     assert [int(t) for t in pipe.scheduler.timesteps] == [999 - j * 1000 // k for j in range(k)]
     ours = _our_images(config, workdir, task, params, z, k)
     np.testing.assert_allclose(theirs, ours, atol=2e-4, err_msg=f"K={k}")
@@ -100,11 +86,9 @@ def test_stock_diffusers_call_makes_our_images_for_every_trained_step_count(unif
   assert np.abs(seen[0] - seen[-1]).max() > 1e-2  # K matters, so the test could fail
 
 
-def test_exported_folder_refuses_untrained_counts_and_a_swapped_scheduler(unified, tmp_path):
-  config, workdir, _, _ = unified
+def test_exported_folder_refuses_untrained_counts_and_a_swapped_scheduler(distilled_sdxl, tmp_path):
+  _, config, workdir, _, _ = distilled_sdxl
   folder = diffusers_task.exported_pipeline(config, workdir, 2)
-  if not os.path.isdir(folder):
-    tdm_main.run(config, workdir, "export")
   student_io.check_folder(folder, 2)
   with pytest.raises(ValueError, match=r"trained for \[2\] steps, not 4"):
     student_io.check_folder(folder, 4)
@@ -137,8 +121,9 @@ def test_a_total_step_count_no_stock_scheduler_reproduces_is_named():
   assert student_io.mismatched_counts(config, 800, (4,)) == [4]
 
 
-def test_sample_mode_writes_each_samplers_images_and_a_grid(unified):
-  config, workdir, _, state = unified
+def test_sample_mode_writes_each_samplers_images_and_a_grid(distilled_sdxl):
+  _, config, workdir, _, state = distilled_sdxl
+  config = copy.deepcopy(config)
   config.sample.teacher_steps = 2
   out = tdm_main.run(config, workdir, "sample", ["a red circle", "green", "a blue square"])
   assert out == os.path.join(workdir, "samples", str(int(state.step)))
@@ -153,22 +138,3 @@ def test_sample_mode_writes_each_samplers_images_and_a_grid(unified):
   config.sample.student_steps = (8,)
   with pytest.raises(ValueError, match="K <= 4 only"):
     tdm_main.run(config, workdir, "sample", ["green"])
-  config.sample.student_steps = ()
-
-
-def test_evaluation_adds_the_stock_diffusers_rows_of_the_export(unified):
-  config, workdir, _, _ = unified
-  if not os.path.isdir(diffusers_task.exported_pipeline(config, workdir, 1)):
-    tdm_main.run(config, workdir, "export")
-  config.eval.num_samples = 2
-  config.eval.teacher_steps = ()
-  config.eval.student_steps = (1, 2)
-  rows = tdm_main.run(config, workdir, "evaluate")
-  assert [r["sampler"] for r in rows] == ["TDM student, 1 steps", "TDM student, 2 steps",
-                                          "exported pipeline in stock Diffusers, 1 steps",
-                                          "exported pipeline in stock Diffusers, 2 steps"]
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  for k in (1, 2):
-    ours, theirs = (np.asarray(Image.open(os.path.join(workdir, "eval", f"{role}_{k}nfe.png")), np.int16)
-                    for role in ("student", "diffusers"))
-    assert np.abs(ours - theirs).max() <= 1  # the same images, up to rounding to 8 bits

@@ -516,6 +516,18 @@ def test_config_validation():
     tdm.TDMConfig(total_steps=124)  # intervals of 31: U[20, 20) is empty
   cfg = tdm.TDMConfig.from_config({"loss_type": "l2", "step_choices": [1, 2]})
   assert cfg.step_choices == (1, 2) and cfg.loss_type == "l2"
+  for weights in ((1.0, 2.0), (1.0, 0.0, 1.0)):
+    with pytest.raises(ValueError, match="one positive weight per entry"):
+      tdm.TDMConfig(step_choices=(1, 2, 4), step_weights=weights)
+
+
+def test_step_counts_are_drawn_with_their_weights():
+  keys = jax.vmap(lambda i: rng.iteration_key(0, i))(jnp.arange(4000))
+  for weights, want in (((), (1 / 3, 1 / 3, 1 / 3)), ((2, 1, 1), (0.5, 0.25, 0.25))):
+    cfg = tdm.TDMConfig.from_config({"step_choices": (1, 2, 4), "step_weights": weights})
+    drawn = np.asarray(jax.vmap(lambda k, cfg=cfg: tdm.draw_step_count(cfg, k))(keys))
+    assert set(np.unique(drawn)) == {1, 2, 4}
+    np.testing.assert_allclose([np.mean(drawn == k) for k in (1, 2, 4)], want, atol=0.03)
 
 
 # ----------------------------------------------------------------------------- 5. guided_predict

@@ -11,6 +11,9 @@ with `<module>` the Diffusers module name (`down_blocks.1.attentions.0.transform
 W + lora_B @ lora_A under any loader: Diffusers takes alpha == r (scale 1) when a file carries
 no alphas. Reading a file back gives adapters with a `LoraConfig` of alpha == rank.
 
+`save_step_lora` writes a unified student's step count K as a LoRA of its own on
+`time_embedding.linear_2` whose only non-zero tensor is `lora_B.bias` (see there).
+
 `save_kohya_lora` / `load_kohya_lora` handle the kohya / SGM layout that ComfyUI and A1111 load and
 that SDXL-Lightning and Hyper-SD ship: module names of the original Stability (LDM) UNet, "." -> "_",
 
@@ -120,6 +123,31 @@ def save_lora(path: str, adapters, lora_cfg: lora.LoraConfig,
   Load with `pipeline.load_lora_weights(path)` or `unet.load_lora_adapter(path, prefix="unet")`.
   """
   tensors = lora_state_dict_from_adapters(adapters, lora_cfg, unet_config, dtype=dtype)
+  return _write(path, tensors, {"format": "pt"})
+
+
+STEP_MODULE = ("time_embedding", "linear_2")  # its output is where Diffusers adds the class embedding
+
+
+def save_step_lora(path: str, row, unet_config: Union[UNetConfig, Mapping[str, Any]], prefix: str = "unet",
+                   dtype=np.float32) -> str:
+  """Row K of a unified student's step table as a Diffusers LoRA file, atomically; returns its path.
+
+  Stock pipelines pass no class labels, so the row travels as the `lora_B.bias` of a rank-1 adapter
+  with all-zero matrices on time_embedding.linear_2: PEFT adds (alpha / r) * bias = the row (a file
+  without alphas has alpha = r) to that layer's output, where Diffusers adds the class embedding,
+  so the sum is exact. Loaded beside the adapters as an adapter of its own, one per K:
+  `pipe.load_lora_weights(path, adapter_name="tdm_4step")`, then `pipe.set_adapters(["tdm", "tdm_4step"])`.
+  """
+  kernel = expected_param_shapes(unet_config)[STEP_MODULE + ("kernel",)]
+  row = np.asarray(row, np.float32)
+  if row.shape != (kernel[1],):
+    raise LoraConversionError(f"a step-table row of shape {row.shape} does not fit {'.'.join(STEP_MODULE)}, "
+                              f"whose output has {kernel[1]} features")
+  module = (prefix + "." if prefix else "") + ".".join(STEP_MODULE)
+  tensors = {f"{module}.lora_A.weight": np.zeros((1, kernel[0]), dtype),
+             f"{module}.lora_B.weight": np.zeros((kernel[1], 1), dtype),
+             f"{module}.lora_B.bias": row.astype(dtype)}
   return _write(path, tensors, {"format": "pt"})
 
 

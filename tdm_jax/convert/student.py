@@ -84,16 +84,22 @@ def guidance_free(params: Mapping[str, Any], unet_config: Mapping[str, Any]):
   return params, {**unet_config, "time_cond_proj_dim": GUIDANCE_EMBED_DIM}
 
 
+def step_row(table, num_steps: int) -> np.ndarray:
+  """Row K of a unified student's step table (float32), or an error naming the rows it has."""
+  table = np.asarray(table, np.float32)
+  if not 0 <= num_steps < table.shape[0]:
+    raise ValueError(f"the student's step table has rows 0..{table.shape[0] - 1}; cannot fold K={num_steps}")
+  return table[num_steps]
+
+
 def fold_step_embedding(params: Mapping[str, Any], unet_config: Mapping[str, Any], num_steps: int):
   """(params, config) of the unified student fixed at K = num_steps: row K of its step table added
   to the time embedding's output bias, the table and `num_class_embeds` removed."""
   params = dict(params)
-  table = np.asarray(params.pop(STEP_EMBEDDING)["embedding"], np.float32)
-  if not 0 <= num_steps < table.shape[0]:
-    raise ValueError(f"the student's step table has rows 0..{table.shape[0] - 1}; cannot fold K={num_steps}")
+  row = step_row(params.pop(STEP_EMBEDDING)["embedding"], num_steps)
   embedding = dict(params["time_embedding"])
   last = dict(embedding["linear_2"])
-  last["bias"] = np.asarray(last["bias"], np.float32) + table[num_steps]
+  last["bias"] = np.asarray(last["bias"], np.float32) + row
   embedding["linear_2"] = last
   params["time_embedding"] = embedding
   config = {k: v for k, v in unet_config.items() if k != "num_class_embeds"}
