@@ -106,6 +106,28 @@ def test_merge_keeps_dtype_and_boxes():
   assert lora.count(abstract) == 3 * 2 + 2 * 5
 
 
+def test_parameters_trained_in_full_beside_the_adapters():
+  """A leaf named "full" replaces its parameter (or adds one the base lacks) in merge and with_full, takes
+  its parameter's axis names, and is no adapter pair."""
+  base = {"blk": {"to_q": {"kernel": jnp.ones((3, 5))}}, "norm": {"scale": jnp.ones((5,))}}
+  cfg = lora.LoraConfig(rank=2, alpha=2.0, targets=("to_q/kernel$",))
+  table = jnp.arange(8.0).reshape(2, 4)
+  adapters = {**lora.init_adapters(jax.random.key(0), base, cfg),
+              **lora.in_full({"table": {"embedding": table}, "norm": {"scale": jnp.full((5,), 3.0)}})}
+  assert list(lora.adapter_items(adapters)) == [("blk", "to_q", "kernel")]
+  pairs, full = lora.split_full(adapters)
+  assert set(full) == {("table", "embedding"), ("norm", "scale")} and "table" not in pairs
+  for tree in (lora.with_full(base, adapters), lora.merge(base, adapters, cfg)):
+    np.testing.assert_array_equal(tree["table"]["embedding"], table)
+    np.testing.assert_array_equal(tree["norm"]["scale"], 3.0)
+    np.testing.assert_array_equal(tree["blk"]["to_q"]["kernel"], 1.0)  # b = 0
+  assert "table" not in base and float(base["norm"]["scale"][0]) == 1.0  # the base itself is untouched
+  axes = lora.adapter_axes({"blk": {"to_q": {"kernel": ("embed", "mlp")}}, "norm": {"scale": ("embed",)},
+                            "table": {"embedding": ("classes", "embed")}}, adapters)
+  assert axes["table"]["embedding"][lora.FULL] == ("classes", "embed")
+  assert axes["blk"]["to_q"]["kernel"] == {"a": ("embed", None), "b": (None, "mlp")}
+
+
 def test_bad_targets_named():
   base = {"dense": {"kernel": jnp.zeros((4, 4))}, "conv": {"kernel": jnp.zeros((3, 3, 4, 4))}}
   with pytest.raises(ValueError, match=r"match none of the 1 2-D parameters[\s\S]*dense/kernel"):

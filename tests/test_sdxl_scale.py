@@ -83,7 +83,7 @@ def _host(tree):
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
 
 
-@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1), (1, 4, 2)])
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 2, 2)])  # data only; data, fsdp and tensor at once
 def test_lora_distillation_on_meshes_equals_one_device(tiny, one_device, mesh):
   _, expected, _ = one_device
   task, state = _run(tiny, "mesh_" + "x".join(map(str, mesh)), mesh)
