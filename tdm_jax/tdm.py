@@ -181,7 +181,8 @@ def rollout_first(apply: Apply, params, schedule: Schedule, z, cond, count, max_
       x0, eps = predict(apply, params, schedule, x, tb, cond, **extra)
       return ddim_step(schedule, x0, eps, jnp.full_like(tb, t_next)), (x, x0, eps)
 
-    skip = lambda x: (x, (jnp.zeros_like(x),) * 3)
+    # zeros of move's own output types (x0 and eps come in the network's dtype, e.g. bf16)
+    skip = lambda x: (x, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(move, x)[1]))
     return jax.lax.cond(j < count, move, skip, x)
 
   _, (xs, x0s, epss) = jax.lax.scan(step, z, (jnp.arange(max_steps), taus, next_steps))
