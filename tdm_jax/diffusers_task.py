@@ -378,15 +378,16 @@ def export(config, workdir: str, student_params) -> str:
   lora_cfg = lora_config(config)
   counts = exported_step_counts(config)
   if lora_cfg is not None:
-    lora_io.save_lora(os.path.join(dest, "lora"), student, lora_cfg, unet_config)
+    pairs, full = lora.split_full(student)
+    lora_io.save_lora(os.path.join(dest, "lora"), pairs, lora_cfg, unet_config)
     if config.tdm.step_choices:
-      table = lora.split_full(student)[1][(student_io.STEP_EMBEDDING, "embedding")]
+      table = full[(student_io.STEP_EMBEDDING, "embedding")]
       for k in counts:
         lora_io.save_step_lora(os.path.join(dest, f"lora_{k}step"), student_io.step_row(table, k), unet_config)
       logging.warning("unified LoRA student: no lora_kohya.safetensors (kohya files cannot carry the step "
                       "table); use lora/ with lora_{K}step/ in Diffusers, or the merged pipeline_{K}step/")
     else:
-      lora_io.save_kohya_lora(os.path.join(dest, "lora_kohya.safetensors"), student, lora_cfg, unet_config)
+      lora_io.save_kohya_lora(os.path.join(dest, "lora_kohya.safetensors"), pairs, lora_cfg, unet_config)
     base = jax.tree.map(lambda x: np.asarray(x, np.float32), trees["unet"])
     student = jax.device_get(lora.merge(base, student, lora_cfg))
   total_steps = int(config.tdm.total_steps)

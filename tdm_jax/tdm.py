@@ -151,7 +151,8 @@ class Trajectory(NamedTuple):
 
 
 def rollout(apply: Apply, params, schedule: Schedule, z, cond, timesteps, **extra) -> Trajectory:
-  """Deterministic DDIM over `timesteps` from z (taken as x at timesteps[0]), without gradients."""
+  """Deterministic DDIM over `timesteps` from z (taken as x at timesteps[0]), without gradients; the
+  trajectory in z's dtype (a bf16 network's predictions widened exactly)."""
   params = jax.lax.stop_gradient(params)
   timesteps = jnp.asarray(timesteps, jnp.int32)
   next_steps = jnp.append(timesteps[1:], -1)
@@ -160,7 +161,7 @@ def rollout(apply: Apply, params, schedule: Schedule, z, cond, timesteps, **extr
     t, t_next = ts
     tb = jnp.full((x.shape[0],), t)
     x0, eps = predict(apply, params, schedule, x, tb, cond, **extra)
-    return ddim_step(schedule, x0, eps, jnp.full_like(tb, t_next)), (x, x0, eps)
+    return ddim_step(schedule, x0, eps, jnp.full_like(tb, t_next)), (x, x0.astype(x.dtype), eps.astype(x.dtype))
 
   _, (xs, x0s, epss) = jax.lax.scan(step, z, (timesteps, next_steps))
   return Trajectory(xs, x0s, epss, timesteps)
@@ -179,10 +180,10 @@ def rollout_first(apply: Apply, params, schedule: Schedule, z, cond, count, max_
     def move(x):
       tb = jnp.full((x.shape[0],), t)
       x0, eps = predict(apply, params, schedule, x, tb, cond, **extra)
-      return ddim_step(schedule, x0, eps, jnp.full_like(tb, t_next)), (x, x0, eps)
+      # kept in x's dtype (eps comes in the network's, e.g. bf16), as `rollout` does and `skip` gives
+      return ddim_step(schedule, x0, eps, jnp.full_like(tb, t_next)), (x, x0.astype(x.dtype), eps.astype(x.dtype))
 
-    # zeros of move's own output types (x0 and eps come in the network's dtype, e.g. bf16)
-    skip = lambda x: (x, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(move, x)[1]))
+    skip = lambda x: (x, (jnp.zeros_like(x),) * 3)
     return jax.lax.cond(j < count, move, skip, x)
 
   _, (xs, x0s, epss) = jax.lax.scan(step, z, (jnp.arange(max_steps), taus, next_steps))

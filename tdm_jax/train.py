@@ -251,8 +251,8 @@ def initial_state(task: Task, config, p: Plan, teacher_params) -> tdm.TDMState:
   got = jax.tree.map(lambda a: (a.shape, a.dtype), student)
   if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
     raise CheckpointError(f"train.init_from={source}: the student of step {step} does not fit this run's student "
-                          f"(different model, LoRA rank or targets); use the same model.lora_* settings as "
-                          f"that run")
+                          f"(different model, LoRA rank or targets, or tdm.step_choices: a unified student has "
+                          f"a step table); use the same model.lora_* and tdm.step_choices settings as that run")
   student = jax.device_put(student, p.state.student_params)
   logging.warning("student initialised from %s (step %d); fake score and optimisers start afresh", source, step)
   ema = student if state.ema_params is not None else None

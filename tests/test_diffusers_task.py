@@ -70,8 +70,15 @@ def test_lora_files_of_a_unified_student_in_the_teacher_pipeline(distilled_sdxl)
   README.md shows: the student's scheduler, no guidance."""
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import DDIMScheduler  # pylint: disable=g-import-not-at-top
-  _, config, workdir, _, _ = distilled_sdxl
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from tdm_jax import lora  # pylint: disable=g-import-not-at-top
+  _, config, workdir, _, state = distilled_sdxl
   export = os.path.join(workdir, "export")
+  table = np.asarray(state.student_params["class_embedding"]["embedding"][lora.FULL])
+  for k in (1, 2, 4):  # each file carries its row, exactly (a K not drawn in 3 iterations has a zero row)
+    tensors = load_file(os.path.join(export, f"lora_{k}step", "pytorch_lora_weights.safetensors"))
+    np.testing.assert_array_equal(tensors["unet.time_embedding.linear_2.lora_B.bias"], table[k])
+  assert np.any(table[1])
   latents = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32))
   teacher = _teacher_pipeline(config)
   teacher.load_lora_weights(os.path.join(export, "lora"), adapter_name="tdm")

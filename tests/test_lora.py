@@ -126,6 +126,9 @@ def test_parameters_trained_in_full_beside_the_adapters():
                             "table": {"embedding": ("classes", "embed")}}, adapters)
   assert axes["table"]["embedding"][lora.FULL] == ("classes", "embed")
   assert axes["blk"]["to_q"]["kernel"] == {"a": ("embed", None), "b": (None, "mlp")}
+  from tdm_jax.convert.lora import LoraConversionError, save_lora  # pylint: disable=g-import-not-at-top
+  with pytest.raises(LoraConversionError, match=r"trained in full \(\['norm/scale', 'table/embedding'\]\)"):
+    save_lora("/nonexistent/never_written", adapters, cfg, SD15)  # refused before anything is written
 
 
 def test_bad_targets_named():

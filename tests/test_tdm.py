@@ -591,15 +591,15 @@ def test_a_traced_step_count_computes_what_the_fixed_one_does(sched, k):
 
 
 def test_a_traced_step_count_rollout_with_a_bf16_network(sched):
-  """Networks that compute in bf16 (SDXL's config) through the traced-K rollout: its skipped slots take the
-  network's output dtypes, and the slots it runs are the fixed-K rollout's."""
+  """Networks that compute in bf16 (SDXL's config) through the traced-K rollout: the slots it runs are the
+  fixed-K rollout's, in the same (the noise's) dtypes, and the skipped ones zeros."""
   bf16 = lambda *a, **kw: apply(*a, **kw).astype(jnp.bfloat16)
   params = init_params(80, (3,))
   cond, _ = make_cond(81, 4)
   z = normal(82, (4, 3))
   traced = jit(lambda k: tdm.rollout_first(bf16, params, sched, z, cond, k, 4, 800))(jnp.int32(2))
   fixed = tdm.rollout(bf16, params, sched, z, cond, tdm.student_timesteps(800, 2))
-  assert traced.eps.dtype == fixed.eps.dtype == jnp.bfloat16 and traced.x0.dtype == fixed.x0.dtype
+  assert traced.eps.dtype == fixed.eps.dtype == z.dtype and traced.x0.dtype == fixed.x0.dtype == z.dtype
   for a, b in zip((traced.x, traced.x0, traced.eps), (fixed.x, fixed.x0, fixed.eps)):
     np.testing.assert_allclose(np.asarray(a[:2], np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-2)
     assert not np.any(np.asarray(a[2:], np.float32))

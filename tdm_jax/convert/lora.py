@@ -61,7 +61,14 @@ def _check_kernels(paths, shapes, expected: Mapping[Tuple[str, ...], Tuple[int, 
 
 
 def _adapter_pairs(adapters, expected) -> Dict[Tuple[str, ...], Tuple[np.ndarray, np.ndarray]]:
-  """{kernel path: (a, b)} as float32 numpy, checked against the UNet's kernels."""
+  """{kernel path: (a, b)} as float32 numpy, checked against the UNet's kernels. Parameters trained in
+  full are refused: a LoRA file has no slot for them, and dropping them silently would lose them."""
+  full = lora.split_full(adapters)[1]
+  if full:
+    raise LoraConversionError(
+        f"the adapters hold parameters trained in full ({sorted('/'.join(p) for p in full)}), which a LoRA "
+        f"file cannot carry: write lora.split_full(adapters)[0], and a unified student's step table with "
+        f"save_step_lora (diffusers_task.export does both)")
   items = lora.adapter_items(adapters)
   _check_kernels(list(items), [(np.shape(a)[0], np.shape(b)[1]) for a, b in items.values()], expected)
   out = {}
@@ -138,6 +145,9 @@ def save_step_lora(path: str, row, unet_config: Union[UNetConfig, Mapping[str, A
   without alphas has alpha = r) to that layer's output, where Diffusers adds the class embedding,
   so the sum is exact. Loaded beside the adapters as an adapter of its own, one per K:
   `pipe.load_lora_weights(path, adapter_name="tdm_4step")`, then `pipe.set_adapters(["tdm", "tdm_4step"])`.
+  Exact at adapter weight 1 only: a LoRA strength s (`set_adapters` weights, `cross_attention_kwargs
+  ={"scale": s}`, `fuse_lora(lora_scale=s)`) scales the row too; to soften the student, give s to the
+  shared adapters alone: `set_adapters(["tdm", "tdm_4step"], [s, 1.0])`.
   """
   kernel = expected_param_shapes(unet_config)[STEP_MODULE + ("kernel",)]
   row = np.asarray(row, np.float32)
