@@ -157,13 +157,19 @@ def with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:
-  """`x` with its leading (batch) axis split over (data, fsdp) of the current mesh; other axes free.
+  """`x` with its leading (batch) axis split over (data, fsdp) of the current mesh, whole along the rest.
 
   The models apply it to every dense and conv output. Without it XLA's partitioner, seeing a
   weight split over `fsdp` on its input dimension, may gather the activations over the batch
   and all-reduce partial products instead of gathering the weight: the SDXL step then held
   full-batch activations on every device. No-op outside a mesh, or when the batch axes do not
   divide the leading axis.
+
+  The other axes are pinned whole, not left UNCONSTRAINED: on a mesh with data, fsdp and tensor
+  all > 1, e.g. (2, 2, 2), XLA partitioned UNCONSTRAINED transformer-block outputs wrongly (the tiny
+  SDXL UNet's forward off by 1.4 at outputs of size 2.3; `tests/test_sdxl_scale.py` runs that mesh).
+  Whole is the same program wherever tensor = 1; with tensor > 1 it gathers each dense and conv
+  output over `tensor`.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names) or not x.ndim:
@@ -171,7 +177,7 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   size = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
   if size == 1 or x.shape[0] % size:
     return x
-  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES, *([P.UNCONSTRAINED] * (x.ndim - 1))))
+  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
