@@ -422,9 +422,9 @@ def tdm_iteration(state: TDMState, teacher_params, cond, uncond, key, *, nets: N
 
   cond / uncond: conditioning pytrees with a leading batch axis (uncond is what the teacher's
   classifier-free guidance contrasts with). key: this iteration's key (see rng.iteration_key).
-  With `cfg.step_choices`, K is drawn per iteration (uniformly, or with `cfg.step_weights`) and is a traced value of the one program: the
-  rollout has max K slots of which the first K run, and every grid is computed from K, so the
-  iteration compiles once, holds one copy of the networks' code, and costs what its K costs.
+  With `cfg.step_choices`, K is drawn per iteration (`draw_step_count`) and is a traced value of the
+  one program: the rollout has max K slots of which the first K run, and every grid is computed from
+  K, so the iteration compiles once, holds one copy of the networks' code, and costs what its K costs.
   """
   body = functools.partial(_iteration_for_k, nets=nets, schedule=schedule, cfg=cfg, student_tx=student_tx,
                            fake_tx=fake_tx, sample_shape=tuple(sample_shape), ema_decay=ema_decay)
