@@ -10,6 +10,7 @@ INSTALL_REQUIRES = [
     "ml_collections>=1.1.0",
     "absl-py>=2.1.0",
     "tensorflow-datasets>=4.9.8",
+    "importlib_resources>=6.0",  # tfds imports it (undeclared) when it writes a dataset defined in a package
     "diffusers>=0.40.0",
     "transformers>=5.0.0",
     "safetensors>=0.5.0",
@@ -23,7 +24,7 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     # torch is only a parity reference in tests; install torch==2.13.0 (the CPU build) first,
     # then this range installs nothing more. Runtime code never imports torch.
-    "test": ["pytest>=8.0", "torch>=2.4,<=2.14.1", "peft>=0.17"],
+    "test": ["pytest>=8.0", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "torch>=2.4,<=2.14.1", "peft>=0.17"],
     "gpu": ["jax[cuda12]"],
     "tpu": ["jax[tpu]"],
 }

@@ -1,7 +1,7 @@
 """Stable Diffusion 1.5 distilled with TDM at 512 px (LoRA student over the frozen teacher).
 
   python -m tdm_jax.main --config=configs/sd15.py --workdir=DIR \
-      --config.teacher.pipeline=/path/to/stable-diffusion-v1-5 --config.data.prompt_file=prompts.txt
+      --config.teacher.pipeline=/path/to/stable-diffusion-v1-5 --config.data.prompt_source=prompts.txt
 
 The paper publishes no SD 1.5 settings; these are SDXL's (lrs 1e-6 / 5e-6, batch 64, 1k
 iterations) with SD 1.5's usual guidance 7.5, in one stage at its native 512 px.

@@ -1,7 +1,7 @@
 """SDXL base 1.0 distilled with TDM: stage 1 of the paper's recipe (512 px, LoRA student).
 
   python -m tdm_jax.main --config=configs/sdxl.py --workdir=STAGE1 \
-      --config.teacher.pipeline=/path/to/stable-diffusion-xl-base-1.0 --config.data.prompt_file=prompts.txt
+      --config.teacher.pipeline=/path/to/stable-diffusion-xl-base-1.0 --config.data.prompt_source=prompts.txt
 
 then stage 2 at 1024 px from stage 1's student: configs/sdxl_1024.py with
 `--config.train.init_from=STAGE1`. The first run converts the Diffusers folder into

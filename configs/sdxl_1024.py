@@ -2,7 +2,7 @@
 
   python -m tdm_jax.main --config=configs/sdxl_1024.py --workdir=STAGE2 \
       --config.teacher.converted=STAGE1/converted --config.train.init_from=STAGE1 \
-      --config.data.prompt_file=prompts.txt
+      --config.data.prompt_source=prompts.txt
 
 The student's adapters start from STAGE1's latest checkpoint (its EMA when kept); the fake score
 is re-initialised from the teacher (fresh zero-effect adapters) and both optimisers start afresh,

@@ -19,7 +19,7 @@ from tdm_jax import shapes_teacher
 def get_config() -> ml_collections.ConfigDict:
   config = default_config.diffusers_config(dtype="float32", teacher_dtype="float32", remat=False)
   config.teacher.pipeline = shapes_teacher.SHIPPED_PIPELINE
-  config.data.prompt_file = shapes_teacher.SHIPPED_TRAIN_PROMPTS
+  config.data.prompt_source = shapes_teacher.SHIPPED_TRAIN_PROMPTS
   config.tdm.guidance_scale = 4.0
   # Unified TDM (README: 2 steps FD 1.46x -> 1.10x the 50-step teacher's, 4 steps unchanged).
   config.tdm.step_choices = (1, 2, 4)

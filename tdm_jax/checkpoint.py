@@ -15,10 +15,12 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from tdm_jax.errors import UserError
+
 PyTree = Any
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint exists but cannot be used."""
 
 
@@ -44,10 +46,21 @@ def _finite_leaves(tree: PyTree) -> PyTree:
 class Checkpointer:
   """A thin, strict layer over `ocp.CheckpointManager` for one tree per step."""
 
-  def __init__(self, directory: str, *, save_every: int = 0, keep: int = 3, async_save: bool = False):
+  def __init__(self, directory: str, *, save_every: int = 0, keep: int = 3, async_save: bool = False,
+               process_local: bool = False):
+    """process_local: this process alone reads or writes (host trees, e.g. process 0 converting or
+    exporting while the others wait); by default every process of the job takes part."""
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep if keep > 0 else None, create=True,
-                                           enable_async_checkpointing=async_save)
+    here = jax.process_index()
+    local = process_local and jax.process_count() > 1
+    multiprocessing = (ocp.options.MultiprocessingOptions(primary_host=here, active_processes={here},
+                                                          barrier_sync_key_prefix=f"process{here}")
+                       if local else ocp.options.MultiprocessingOptions())
+    if local:  # orbax leaves creating the folder to us when not every process takes part
+      os.makedirs(self.directory, exist_ok=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep if keep > 0 else None, create=not local,
+                                           enable_async_checkpointing=async_save,
+                                           multiprocessing_options=multiprocessing)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=ocp.StandardCheckpointHandler())
     self.save_every = save_every
@@ -66,11 +79,20 @@ class Checkpointer:
   def should_save(self, step: int) -> bool:
     return self.save_every > 0 and step % self.save_every == 0
 
-  def save(self, step: int, tree: PyTree) -> None:
-    """Saves `tree` as `step` (atomically; a step already on disk is left as it is)."""
+  def save(self, step: int, tree: PyTree, metadata: Optional[dict] = None) -> None:
+    """Saves `tree` as `step` (atomically; a step already on disk is left as it is), with `metadata`
+    (JSON, e.g. the data's position) committed in the same step."""
     if step in self._manager.all_steps():
       return
-    self._manager.save(step, args=ocp.args.StandardSave(tree), force=True)
+    self._manager.save(step, args=ocp.args.StandardSave(tree), force=True, custom_metadata=metadata or {})
+
+  def metadata(self, step: int) -> dict:
+    """The `metadata` saved with `step` ({} when none)."""
+    try:
+      return dict(self._manager.metadata(step).custom_metadata or {})
+    except Exception as err:  # orbax raises many kinds; all mean the metadata is unusable.
+      raise CheckpointError(f"checkpoint of step {step} at {self.path(step)} has no readable metadata "
+                            f"({type(err).__name__}: {err})") from err
 
   def restore(self, step: int, abstract: PyTree) -> PyTree:
     """Restores `step` into the structure, shapes, dtypes and shardings of `abstract`."""

@@ -51,15 +51,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=sharding.DEFAULT_RULES,
                                                min_shard_size=sharding.DEFAULT_MIN_SIZE))
 
-  # Prompts to distil on (Diffusers pipelines): a .txt file, one per line, or .jsonl with "prompt".
-  config.data = ml_collections.ConfigDict(dict(prompt_file=""))
+  # Prompts to distil on (Diffusers pipelines): a .txt file, one per line, a .jsonl file with a "prompt"
+  # field, or tfds:NAME (NAME[:VERSION]), a TFDS dataset in tfds_data_dir read per process without
+  # TensorFlow (write one with `python -m tdm_jax.data PROMPTS.txt --name=NAME --data_dir=DIR`).
+  config.data = ml_collections.ConfigDict(dict(prompt_source="", tfds_split="train", tfds_text_field="text",
+                                               tfds_data_dir=""))
 
   config.model = ml_collections.ConfigDict()  # filled by the per-model config
   config.teacher = ml_collections.ConfigDict()  # where the teacher comes from
   config.eval = ml_collections.ConfigDict(dict(
       num_samples=1000, student_steps=(1, 2, 4), teacher_steps=(4,), reference_steps=100,
       reference_solver="ddim", student_solver="ddim",
-      # Diffusers pipelines: num_samples prompts from prompt_file (default: data.prompt_file), each
+      # Diffusers pipelines: num_samples prompts from prompt_file (default: data.prompt_source), each
       # sampled samples_per_prompt times; classifier: an attribute-classifier folder that scores
       # shapes captions (FD, adherence, diversity), "" for none.
       prompt_file="", samples_per_prompt=1, classifier=""))

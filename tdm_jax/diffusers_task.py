@@ -5,10 +5,10 @@ The teacher comes from `teacher.pipeline` (a Diffusers folder), converted once i
 straight into its shards on the mesh. Without a folder, `model.reference` (published configs,
 no weights) gives random weights made on the mesh: shape-only runs for benchmarks and dry runs.
 
-Prompts come from `data.prompt_file`; each process tokenizes only its rows of an iteration's
-batch on the host, and the text encoders run on device inside the compiled step. With
-`model.lora_rank > 0` the student and the fake score are LoRA adapters over the one frozen
-teacher (the paper's SDXL recipe); with 0 they are float32 copies.
+Prompts come from `data.prompt_source` (`tdm_jax/data.py`); each process reads and tokenizes
+only its rows of an iteration's batch on the host, and the text encoders run on device inside the
+compiled step. With `model.lora_rank > 0` the student and the fake score are LoRA adapters over
+the one frozen teacher (the paper's SDXL recipe); with 0 they are float32 copies.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from tdm_jax.models.clip import ClipConfig, CLIPTextEncoder
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from tdm_jax.schedules import from_diffusers_config
 from tdm_jax.train import Task, sampling_params
+from tdm_jax.errors import ConfigError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
@@ -52,8 +53,8 @@ def ensure_converted(config, workdir: str) -> str:
   if pipeline_io.is_converted(out):
     return out
   if not config.teacher.pipeline:
-    raise ValueError(f"no converted teacher in {out} and no Diffusers folder to convert: set "
-                     f"--config.teacher.pipeline=PATH (a folder with model_index.json, unet/, ...)")
+    raise ConfigError(f"no converted teacher in {out} and no Diffusers folder to convert: set "
+                      f"--config.teacher.pipeline=PATH (a folder with model_index.json, unet/, ...)")
   logging.warning("converting %s into %s", config.teacher.pipeline, out)
   pipeline_io.save_converted(config.teacher.pipeline, out, variant=config.teacher.variant or None,
                              allow_pickle=config.teacher.allow_pickle)
@@ -82,9 +83,9 @@ def lora_config(config) -> Optional[lora.LoraConfig]:
   if m.lora_rank == 0:
     return None
   if int(m.lora_rank) != m.lora_rank or m.lora_rank < 0:
-    raise ValueError(f"model.lora_rank={m.lora_rank!r} must be a positive integer (0: full copies, no LoRA)")
+    raise ConfigError(f"model.lora_rank={m.lora_rank!r} must be a positive integer (0: full copies, no LoRA)")
   if m.lora_alpha < 0:
-    raise ValueError(f"model.lora_alpha={m.lora_alpha!r} must be >= 0 (0 means alpha = rank, scale 1)")
+    raise ConfigError(f"model.lora_alpha={m.lora_alpha!r} must be >= 0 (0 means alpha = rank, scale 1)")
   return lora.LoraConfig(rank=int(m.lora_rank), alpha=float(m.lora_alpha or m.lora_rank),
                          targets=tuple(m.lora_targets))
 
@@ -109,8 +110,8 @@ def step_conditioned(unet_config: UNetConfig, step_choices) -> UNetConfig:
   """The unified student's UNet: the teacher's plus a table of K embeddings (rows 0..max K) added to
   the time embedding, Diffusers' `num_class_embeds` mechanism; `step_table` starts it at zero."""
   if unet_config.num_class_embeds is not None:
-    raise ValueError(f"the teacher's UNet already has num_class_embeds={unet_config.num_class_embeds}; "
-                     f"tdm.step_choices needs that slot for the step count: leave tdm.step_choices empty")
+    raise ConfigError(f"the teacher's UNet already has num_class_embeds={unet_config.num_class_embeds}; "
+                      f"tdm.step_choices needs that slot for the step count: leave tdm.step_choices empty")
   return dataclasses.replace(unet_config, num_class_embeds=max(step_choices) + 1)
 
 
@@ -145,7 +146,7 @@ def prompt_encoder(files: str, trees: dict, resolution: int) -> pipeline.PromptE
     encoders.append(pipeline.TextEncoder(tokenizer=pipeline.load_tokenizer(folders.component_path(files, tok)),
                                          model=CLIPTextEncoder(clip_config), params=trees[enc]))
   if not encoders:
-    raise ValueError(f"the pipeline in {files} has no text encoder")
+    raise ConfigError(f"the pipeline in {files} has no text encoder")
   return pipeline.PromptEncoder(encoders=tuple(encoders), kind="sdxl" if "text_encoder_2" in trees else "sd",
                                 force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)),
                                 image_size=(resolution, resolution))
@@ -186,7 +187,7 @@ def components(config, workdir: str) -> Components:
     boxed[enc] = jax.eval_shape(functools.partial(CLIPTextEncoder(clip_configs[enc]).init, jax.random.key(0)),
                                 jnp.zeros((1, 1), jnp.int32))["params"]
   if not pairs:
-    raise ValueError(f"the pipeline in {files} has no text encoder")
+    raise ConfigError(f"the pipeline in {files} has no text encoder")
   return Components(files, converted, unet_config, pairs, clip_configs,
                     {k: flax.core.meta.unbox(v) for k, v in boxed.items()},
                     {k: sharding.logical_axes(v) for k, v in boxed.items()})
@@ -276,9 +277,9 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
   resolution = config.model.resolution or unet_config.sample_size * factor
   multiple = factor * 2 ** (len(unet_config.block_out_channels) - 1)
   if resolution <= 0 or resolution % multiple:
-    raise ValueError(f"model.resolution={resolution} must be a positive multiple of {multiple} for this pipeline "
-                     f"(VAE factor {factor} x UNet downsampling {multiple // factor}), e.g. "
-                     f"{max(multiple, resolution // multiple * multiple)}")
+    raise ConfigError(f"model.resolution={resolution} must be a positive multiple of {multiple} for this pipeline "
+                      f"(VAE factor {factor} x UNet downsampling {multiple // factor}), e.g. "
+                      f"{max(multiple, resolution // multiple * multiple)}")
   if lora_cfg is not None:
     lora.target_paths(c.abstract["unet"], lora_cfg)  # an unmatched target regex fails here, before any work
   mesh = sharding.make_mesh(config.mesh.shape, devices)
@@ -288,10 +289,10 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
     teacher_dtype = jnp.dtype(config.model.teacher_dtype)
     frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, teacher_dtype),
                           {name: c.abstract[name] for name in ("unet",) + tuple(e for _, e in c.encoder_names)})
-  if c.converted is None and not config.data.prompt_file:
-    prompts = list(DRY_RUN_PROMPTS)  # a shape-only run needs no prompt file either
+  if c.converted is None and not config.data.prompt_source:
+    source = data.PromptList(DRY_RUN_PROMPTS, config.seed, "dry-run prompts")  # a shape-only run needs none
   else:
-    prompts = data.read_prompts(config.data.prompt_file)
+    source = data.prompt_source(config)
   index = folders.read_model_index(c.files)
   force_zeros = bool(index.get("force_zeros_for_empty_prompt", False))
   kind = "sdxl" if "text_encoder_2" in c.clip_configs else "sd"
@@ -300,8 +301,7 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
   negatives = [pipeline.token_ids(tok, [""])[0] for tok in tokenizers]
 
   def local_batch(step: int, batch_size: int, rows):
-    chosen = data.prompt_batch(prompts, config.seed, step, batch_size)
-    mine = [chosen[int(r)] for r in rows]
+    mine = source.local_prompts(step, batch_size, rows)
     ids = [pipeline.token_ids(tok, mine) for tok in tokenizers]
     return {"ids": ids, "negative_ids": [np.tile(n, (len(mine), 1)) for n in negatives]}
 
@@ -339,7 +339,8 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
               lora=lora_cfg, lora_apply=lora_unet_apply(adapted_model, lora_cfg) if lora_cfg else None,
               param_axes=c.axes["unet"], trainable_axes=trainable_axes,
               conditioner={k: v for k, v in frozen.items() if k != "unet"},
-              conditioner_axes={enc: c.axes[enc] for _, enc in c.encoder_names}, condition=condition)
+              conditioner_axes={enc: c.axes[enc] for _, enc in c.encoder_names}, condition=condition,
+              source=source)
 
 
 def exported_step_counts(config) -> tuple:
@@ -367,8 +368,8 @@ def export(config, workdir: str, student_params) -> str:
   second adapter loaded beside `lora/`; kohya files have no slot for it (Diffusers drops their bias
   keys for SDXL UNets), so none is written."""
   if is_shape_only(config, workdir):
-    raise ValueError("this run has random weights (no teacher.pipeline): there is no student worth exporting; "
-                     "set --config.teacher.pipeline=PATH to distil a real teacher")
+    raise ConfigError("this run has random weights (no teacher.pipeline): there is no student worth exporting; "
+                      "set --config.teacher.pipeline=PATH to distil a real teacher")
   out = ensure_converted(config, workdir)
   files = os.path.join(out, "pipeline")
   unet_config = folders.read_config(folders.component_path(files, "unet"))
@@ -430,8 +431,8 @@ def _samplers(config, task: Task, student_params, uncond, teacher_steps, student
     logging.warning("student steps %s: the student was trained for %s steps only; those images show it "
                     "used off its training grid", untrained, list(trained))
   if cfg.step_choices and any(n > max(cfg.step_choices) for n in student_steps):
-    raise ValueError(f"student steps {list(student_steps)}: a unified student has step embeddings for "
-                     f"K <= {max(cfg.step_choices)} only (tdm.step_choices={tuple(cfg.step_choices)})")
+    raise ConfigError(f"student steps {list(student_steps)}: a unified student has step embeddings for "
+                      f"K <= {max(cfg.step_choices)} only (tdm.step_choices={tuple(cfg.step_choices)})")
   samplers += [(f"TDM student, {n} steps", "student", n, sampling_params(task, student_params),
                 functools.partial(sample.student_sample, task.student_apply or task.apply, num_steps=n,
                                   total_steps=cfg.total_steps, solver=config.eval.student_solver,
@@ -508,12 +509,13 @@ def evaluate(config, workdir: str, task: Task, student_params) -> list:
   """
   from tdm_jax import evaluator, sample  # pylint: disable=g-import-not-at-top
   if is_shape_only(config, workdir):
-    raise ValueError("this run has random weights (no teacher.pipeline) and no VAE or tokenizer to evaluate "
-                     "with; set --config.train.evaluate_after=False for shape-only runs")
+    raise ConfigError("this run has random weights (no teacher.pipeline) and no VAE or tokenizer to evaluate "
+                      "with; set --config.train.evaluate_after=False for shape-only runs")
   e = config.eval
-  prompts = data.read_prompts(e.prompt_file or config.data.prompt_file)[:e.num_samples]
+  prompts = (data.read_prompts(e.prompt_file) if e.prompt_file
+             else data.prompt_source(config).head(e.num_samples))[:e.num_samples]
   if e.samples_per_prompt < 1:
-    raise ValueError(f"eval.samples_per_prompt must be >= 1, got {e.samples_per_prompt}")
+    raise ConfigError(f"eval.samples_per_prompt must be >= 1, got {e.samples_per_prompt}")
   batch_prompts = [p for p in prompts for _ in range(e.samples_per_prompt)]
   firsts = np.arange(0, len(batch_prompts), e.samples_per_prompt)  # one image per prompt, for the grids
   r = _renderer(config, workdir, task, batch_prompts, rng.derive(config.seed, 0, rng.Role.EVAL))
@@ -560,9 +562,9 @@ def sample_prompts(config, workdir: str, task: Task, student_params, prompts, ch
   (WORKDIR/samples/<step>/<sampler>/<i>.png) and one grid (a row per sampler, a column per prompt)."""
   from tdm_jax import sample  # pylint: disable=g-import-not-at-top
   if is_shape_only(config, workdir):
-    raise ValueError("this run has random weights (no teacher.pipeline): nothing worth sampling")
+    raise ConfigError("this run has random weights (no teacher.pipeline): nothing worth sampling")
   if not prompts:
-    raise ValueError("no prompts to sample: pass --prompt=TEXT (repeatable) or --prompt_file=FILE")
+    raise ConfigError("no prompts to sample: pass --prompt=TEXT (repeatable) or --prompt_file=FILE")
   s = config.sample
   student_steps = tuple(s.student_steps) or exported_step_counts(config)
   teacher_steps = (s.teacher_steps,) if s.teacher_steps else ()

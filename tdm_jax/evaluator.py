@@ -37,6 +37,7 @@ import scipy.linalg
 from tdm_jax import shapes_data
 from tdm_jax.files import atomic_write_bytes
 from tdm_jax.shapes_data import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, ShapesConfig
+from tdm_jax.errors import ConfigError, MissingFileError
 
 NUM_POSITIONS = len(POSITIONS)
 CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
@@ -389,9 +390,9 @@ class PromptScorer:
 
   def __init__(self, classifier_dir: str, prompts: Sequence[str]):
     if not os.path.isfile(os.path.join(classifier_dir, WEIGHTS_FILE)):
-      raise FileNotFoundError(f"no attribute classifier in {classifier_dir} ({WEIGHTS_FILE} missing); set "
-                              f"config.eval.classifier to the evaluator folder of the shapes pipeline, or to '' "
-                              f"for no image metrics")
+      raise MissingFileError(f"no attribute classifier in {classifier_dir} ({WEIGHTS_FILE} missing); set "
+                             f"config.eval.classifier to the evaluator folder of the shapes pipeline, or to '' "
+                             f"for no image metrics")
     self.params, meta = load_classifier(classifier_dir)
     data_config = meta.get("config") or ShapesConfig()
     scenes = []
@@ -399,8 +400,8 @@ class PromptScorer:
       try:
         scenes.append(shapes_data.parse_caption(prompt))
       except ValueError as err:
-        raise ValueError(f"eval prompt {prompt!r} is not a shapes caption; config.eval.classifier scores only "
-                         f"shapes captions (set it to '' for other prompts)") from err
+        raise ConfigError(f"eval prompt {prompt!r} is not a shapes caption; config.eval.classifier scores only "
+                          f"shapes captions (set it to '' for other prompts)") from err
     self.scenes = scenes
     unique = sorted(set(prompts))
     self.prompt_ids = np.asarray([unique.index(p) for p in prompts])

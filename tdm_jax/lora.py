@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tdm_jax.errors import ConfigError
+
 Path = Tuple[str, ...]
 FULL = "full"  # the leaf name of a parameter trained in full beside the adapters
 
@@ -70,17 +72,17 @@ class LoraConfig:
 
   def __post_init__(self):
     if isinstance(self.targets, str):
-      raise ValueError(f"LoraConfig.targets must be a sequence of regexes, not the string {self.targets!r}")
+      raise ConfigError(f"LoraConfig.targets must be a sequence of regexes, not the string {self.targets!r}")
     object.__setattr__(self, "targets", tuple(self.targets))
     if int(self.rank) != self.rank or self.rank < 1:
-      raise ValueError(f"LoraConfig.rank must be a positive integer, got {self.rank!r}")
+      raise ConfigError(f"LoraConfig.rank must be a positive integer, got {self.rank!r}")
     if not self.targets:
-      raise ValueError("LoraConfig.targets is empty: give at least one regex over parameter paths")
+      raise ConfigError("LoraConfig.targets is empty: give at least one regex over parameter paths")
     for pattern in self.targets:
       try:
         re.compile(pattern)
       except re.error as e:
-        raise ValueError(f"LoraConfig.targets: {pattern!r} is not a valid regex ({e})") from e
+        raise ConfigError(f"LoraConfig.targets: {pattern!r} is not a valid regex ({e})") from e
 
   @property
   def scale(self) -> float:
@@ -244,8 +246,8 @@ def adapters_applied(adapters, cfg: LoraConfig):
       yield
     unused = sorted("/".join(p) for p in expected if p not in used)
     if unused:
-      raise ValueError(f"{len(unused)} LoRA adapters matched no Dense layer of the model, e.g. {unused[:4]}; "
-                       f"the adapters were made for another model's parameter tree")
+      raise ConfigError(f"{len(unused)} LoRA adapters matched no Dense layer of the model, e.g. {unused[:4]}; "
+                        f"the adapters were made for another model's parameter tree")
 
   return context()
 

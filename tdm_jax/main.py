@@ -7,10 +7,15 @@ DIR/converted; `export` writes the latest student as a Diffusers `unet/` folder 
 pipeline folder under DIR/export; `sample` draws the student of a checkpoint on `--prompt`s (or a
 `--prompt_file`) beside the teacher, into DIR/samples; `pretrain` makes a teacher pipeline from nothing
 (configs/shapes_teacher.py: the shipped one). Any config field can be overridden as
-`--config.train.batch_size=64`; unknown keys are errors."""
+`--config.train.batch_size=64`; unknown keys are errors.
+
+`--jax_distributed` makes several processes one job (`tdm_jax/distributed.py`, `launch/`); only
+`train` spans processes, and process 0 alone exports and evaluates after it. Errors the user
+fixes print as one line and exit with status 2; `--verbosity=1` shows their traceback."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -20,7 +25,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tdm_jax import data, metrics, train
+from tdm_jax import data, distributed, metrics, train
+from tdm_jax.errors import ConfigError, UserError
 
 MODES = ("train", "evaluate", "convert", "export", "sample", "pretrain")
 # config.task -> the module that turns a config into a Task and evaluates a student on it.
@@ -33,52 +39,82 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "--mode=sample: a prompt (repeat the flag for more).")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", "", "--mode=sample: prompts, one per line (.txt) or .jsonl.")
-_DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False,
-                                 "Call jax.distributed.initialize() first (multi-host: TPU pods, SLURM).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "jax_distributed", False, "Join a multi-process job first (jax.distributed): TPU pods and SLURM are detected; "
+    "elsewhere give --coordinator_address, --num_processes and --process_id (or TDM_* variables).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "--jax_distributed: process 0's HOST:PORT "
+                                   f"(default ${distributed.ENV_ADDRESS}).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "--jax_distributed: how many processes "
+                                      f"(default ${distributed.ENV_NUM_PROCESSES}).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "--jax_distributed: this process's index "
+                                   f"(default ${distributed.ENV_PROCESS_ID}).")
+_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "--jax_distributed: seconds to wait for all "
+                                "processes to join before giving up with an error.")
 
 
 def task_module(config):
   if config.task not in TASKS:
-    raise ValueError(f"config.task={config.task!r} is not one of {sorted(TASKS)}")
+    raise ConfigError(f"config.task={config.task!r} is not one of {sorted(TASKS)}")
   return importlib.import_module(TASKS[config.task])
 
 
-def run_evaluation(config, workdir: str, module, task, state) -> list:
-  """Evaluates the student of `state`; writes eval/table.md and eval/table.json in the workdir."""
-  rows = module.evaluate(config, workdir, task, train.student_params(state))
+def run_evaluation(config, workdir: str, module, task, params) -> list:
+  """Evaluates the student `params`; writes eval/table.md and eval/table.json in the workdir."""
+  rows = module.evaluate(config, workdir, task, params)
   table = metrics.markdown_table(rows)
-  if jax.process_index() == 0:
-    out = os.path.join(workdir, "eval")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "table.md"), "w") as f:
-      f.write(table)
-    with open(os.path.join(out, "table.json"), "w") as f:
-      json.dump(rows, f, indent=2)
+  out = os.path.join(workdir, "eval")
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "table.md"), "w") as f:
+    f.write(table)
+  with open(os.path.join(out, "table.json"), "w") as f:
+    json.dump(rows, f, indent=2)
   print(table)
   return rows
 
 
+def _after_training(config, workdir: str, module, task, state) -> None:
+  """Export and evaluation of the trained student, by process 0 alone on host copies of the weights
+  (the others have nothing left to do and wait to exit)."""
+  wanted_export = config.train.export_after and hasattr(module, "export")
+  if not (wanted_export or config.train.evaluate_after):
+    return
+  params = train.student_params(state)
+  if jax.process_count() > 1:  # sharded over every process: gather what process 0 will use
+    params, teacher = distributed.host_copy((params, task.teacher_params))
+    task = dataclasses.replace(task, teacher_params=teacher)
+  if not distributed.is_primary():
+    return
+  if wanted_export:
+    logging.warning("student exported to %s", module.export(config, workdir, params))
+  if config.train.evaluate_after:
+    run_evaluation(config, workdir, module, task, params)
+
+
 def run(config, workdir: str, mode: str, prompts=()):
   """Runs `mode`; returns the final state (train), the evaluation rows (evaluate) or a path (convert,
-  export, sample: `prompts`)."""
+  export, sample: `prompts`). With several processes only `train` runs (on all of them)."""
   module = task_module(config)
   if mode in ("convert", "export", "sample") and not hasattr(module, "export"):
-    raise ValueError(f"--mode={mode} works on Diffusers pipelines (config.task='diffusers'), "
-                     f"not on config.task={config.task!r}")
+    raise ConfigError(f"--mode={mode} works on Diffusers pipelines (config.task='diffusers'), "
+                      f"not on config.task={config.task!r}")
+  if mode != "train" and jax.process_count() > 1:
+    raise ConfigError(f"--mode={mode} runs in one process; run it without --jax_distributed (only --mode=train "
+                      f"spans processes)")
   if mode == "pretrain" or not hasattr(module, "build_task"):
     if mode != "pretrain" or not hasattr(module, "pretrain_pipeline"):
-      raise ValueError(f"--mode=pretrain goes with config.task='shapes_teacher' (configs/shapes_teacher.py) and "
-                       f"that task only with it; got --mode={mode} and config.task={config.task!r}")
+      raise ConfigError(f"--mode=pretrain goes with config.task='shapes_teacher' (configs/shapes_teacher.py) and "
+                        f"that task only with it; got --mode={mode} and config.task={config.task!r}")
     return module.pretrain_pipeline(config, workdir)
   if mode == "convert":
     return module.ensure_converted(config, workdir)
+  if mode == "train":
+    distributed.check_workdir(workdir)
+    if hasattr(module, "ensure_converted") and not module.is_shape_only(config, workdir):
+      distributed.on_primary("tdm_jax_convert", lambda: module.ensure_converted(config, workdir))
   task = module.build_task(config, workdir, progress=config.train.progress)
   if mode == "train":
     state = train.distill(task, config, workdir)
-    if config.train.export_after and hasattr(module, "export"):
-      logging.warning("student exported to %s", module.export(config, workdir, train.student_params(state)))
-    if config.train.evaluate_after:
-      run_evaluation(config, workdir, module, task, state)
+    _after_training(config, workdir, module, task, state)
     return state
   checkpoint = config.sample.checkpoint if mode == "sample" and config.sample.checkpoint >= 0 else None
   state = train.restore_state(task, config, workdir, checkpoint)
@@ -86,7 +122,7 @@ def run(config, workdir: str, mode: str, prompts=()):
     return module.sample_prompts(config, workdir, task, train.student_params(state), list(prompts), int(state.step))
   if mode == "export":
     return module.export(config, workdir, train.student_params(state))
-  return run_evaluation(config, workdir, module, task, state)
+  return run_evaluation(config, workdir, module, task, train.student_params(state))
 
 
 def main(argv):
@@ -96,13 +132,24 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. --config=configs/toy.py")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required: the folder for checkpoints, metrics and outputs")
+  verbose = flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
-  logging.info("config:\n%s", _CONFIG.value)
-  prompts = list(_PROMPT.value) + (data.read_prompts(_PROMPT_FILE.value) if _PROMPT_FILE.value else [])
-  run(_CONFIG.value, _WORKDIR.value, _MODE.value, prompts)
+  try:
+    if _DISTRIBUTED.value:
+      distributed.initialize(distributed.settings(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                                  _TIMEOUT.value))
+    elif _COORDINATOR.value or _NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None:
+      raise ConfigError("--coordinator_address, --num_processes and --process_id take effect only with "
+                        "--jax_distributed; add it")
+    logging.info("config:\n%s", _CONFIG.value)
+    prompts = list(_PROMPT.value) + (data.read_prompts(_PROMPT_FILE.value) if _PROMPT_FILE.value else [])
+    run(_CONFIG.value, _WORKDIR.value, _MODE.value, prompts)
+  except UserError as err:  # a fix for the user, not a bug: the message says it all (--verbosity=1: traceback)
+    if verbose:
+      raise
+    sys.stderr.write(f"error: {err}\n")
+    sys.exit(distributed.EXIT_CODE)
 
 
 def entry_point():

@@ -7,6 +7,8 @@ import re
 import jax
 import optax
 
+from tdm_jax.errors import ConfigError
+
 SCHEDULES = ("constant", "cosine")
 
 
@@ -14,7 +16,7 @@ def learning_rate_schedule(peak: float, kind: str, warmup_steps: int, total_step
                            final_fraction: float) -> optax.Schedule:
   """Linear warm-up to `peak`, then constant or cosine decay to `final_fraction * peak`."""
   if kind not in SCHEDULES:
-    raise ValueError(f"unknown learning-rate schedule {kind!r}; expected one of {SCHEDULES}")
+    raise ConfigError(f"unknown learning-rate schedule {kind!r}; expected one of {SCHEDULES}")
   if kind == "constant":
     if warmup_steps <= 0:
       return optax.constant_schedule(peak)
@@ -36,14 +38,14 @@ def lr_scales(scales) -> optax.GradientTransformation:
   pairs = []
   for entry in scales:
     if len(entry) != 2:
-      raise ValueError(f"optim.lr_scales entry {entry!r} must be a pair (path regex, factor)")
+      raise ConfigError(f"optim.lr_scales entry {entry!r} must be a pair (path regex, factor)")
     pattern, factor = entry
     try:
       pairs.append((re.compile(pattern), float(factor)))
     except re.error as e:
-      raise ValueError(f"optim.lr_scales: {pattern!r} is not a valid regex ({e})") from e
+      raise ConfigError(f"optim.lr_scales: {pattern!r} is not a valid regex ({e})") from e
     if not float(factor) > 0:
-      raise ValueError(f"optim.lr_scales: factor {factor!r} for {pattern!r} must be positive")
+      raise ConfigError(f"optim.lr_scales: factor {factor!r} for {pattern!r} must be positive")
 
   def factor_of(path) -> float:
     name = _path(path)
@@ -70,7 +72,7 @@ def make_optimizers(cfg, num_iterations: int):
   """(student_tx, fake_tx, student_schedule, fake_schedule) from `config.optim`; the cosine decays
   over `optim.decay_steps` iterations (0: the run's num_iterations; the authors' command: 10,001)."""
   if cfg.decay_steps < 0:
-    raise ValueError(f"optim.decay_steps={cfg.decay_steps} must be >= 0 (0: decay over train.num_iterations)")
+    raise ConfigError(f"optim.decay_steps={cfg.decay_steps} must be >= 0 (0: decay over train.num_iterations)")
   horizon = int(cfg.decay_steps) or num_iterations
   student_lr = learning_rate_schedule(cfg.student_lr, cfg.student_schedule, cfg.student_warmup_steps,
                                       horizon, cfg.final_lr_fraction)

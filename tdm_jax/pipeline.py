@@ -23,6 +23,7 @@ import numpy as np
 from tdm_jax.convert import folders
 from tdm_jax.convert.clip import clip_params_from_state_dict
 from tdm_jax.models.clip import ClipConfig, CLIPTextEncoder
+from tdm_jax.errors import ConfigError
 
 PyTree = Any
 
@@ -104,8 +105,8 @@ def sdxl_condition(encoder_outputs: Sequence[dict], time_ids) -> dict:
   first encoder that has a projection. A pure function, so training can differentiate through it."""
   pooled = next((out["text_embeds"] for out in encoder_outputs if "text_embeds" in out), None)
   if pooled is None:
-    raise ValueError("SDXL needs a text encoder with projection (CLIPTextModelWithProjection) for the "
-                     "pooled embedding; none of this pipeline's encoders has one")
+    raise ConfigError("SDXL needs a text encoder with projection (CLIPTextModelWithProjection) for the "
+                      "pooled embedding; none of this pipeline's encoders has one")
   return {"encoder_hidden_states": jnp.concatenate([out["hidden_states"][-2] for out in encoder_outputs], axis=-1),
           "text_embeds": pooled, "time_ids": jnp.asarray(time_ids)}
 

@@ -18,6 +18,7 @@ import tqdm
 
 from tdm_jax import rng
 from tdm_jax.checkpoint import Checkpointer
+from tdm_jax.errors import NonFiniteLossError
 from tdm_jax.metrics import MetricsWriter
 from tdm_jax.schedules import Schedule
 
@@ -77,8 +78,8 @@ def pretrain(apply: Callable, params: PyTree, schedule: Schedule, data: Callable
     if step % 100 == 0 or step == num_iterations - 1:
       loss = float(loss)
       if not jnp.isfinite(loss):
-        raise FloatingPointError(f"teacher pretraining loss is {loss} at iteration {step}; lower the "
-                                 f"learning rate")
+        raise NonFiniteLossError(f"teacher pretraining loss is {loss} at iteration {step}; lower the "
+                                  f"learning rate")
       bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
   return params
 
@@ -112,7 +113,7 @@ def fit(step_fn: Callable, init_fn: Callable, batch_fn: Callable, *, num_iterati
         scalars = {k: float(v) for k, v in jax.device_get(scalars).items()}
         if not jnp.isfinite(scalars[loss_key]):
           last: Optional[int] = checkpointer.latest_step
-          raise FloatingPointError(
+          raise NonFiniteLossError(
               f"{desc}: {loss_key} is {scalars[loss_key]} at iteration {done}; the last checkpoint "
               f"({last if last is not None else 'none'}) in {checkpointer.directory} is intact: lower the "
               f"learning rate and run again to resume from it")

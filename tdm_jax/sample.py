@@ -14,6 +14,7 @@ import numpy as np
 
 from tdm_jax import tdm
 from tdm_jax.schedules import Schedule, ddim_step, dpm_solver_2m_step, sampling_timesteps
+from tdm_jax.errors import ConfigError
 
 SOLVERS = ("ddim", "dpm_solver_2m")
 
@@ -31,7 +32,7 @@ def sample(apply, params, schedule: Schedule, z, cond, timesteps, *, solver: str
   stops at timestep 0 instead, which `final_timestep=0` reproduces.
   """
   if solver not in SOLVERS:
-    raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
+    raise ConfigError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
   timesteps, next_steps = _next_steps(timesteps, final_timestep)
   batch = z.shape[0]
   full = lambda t: jnp.full((batch,), t, jnp.int32)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tdm_jax.errors import ConfigError
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
@@ -38,7 +40,7 @@ class Schedule:
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown prediction_type {self.prediction_type!r}; supported: {PREDICTION_TYPES}")
 
     def _alphabar(self, t):
@@ -104,7 +106,7 @@ def _betas(beta_schedule, beta_start, beta_end, n):
             return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
 
         return np.array([min(1.0 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)])
-    raise ValueError(f"unknown beta_schedule {beta_schedule!r}; supported: {BETA_SCHEDULES}")
+    raise ConfigError(f"unknown beta_schedule {beta_schedule!r}; supported: {BETA_SCHEDULES}")
 
 
 def _rescale_zero_terminal_snr(betas):
@@ -138,7 +140,7 @@ def from_diffusers_config(config: dict) -> Schedule:
     """Schedule from a Diffusers ``scheduler_config.json`` dict; missing keys take Diffusers' defaults."""
     prediction_type = config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; supported: {PREDICTION_TYPES}")
+        raise ConfigError(f"unknown prediction_type {prediction_type!r}; supported: {PREDICTION_TYPES}")
     if config.get("trained_betas") is not None:
         betas = np.asarray(config["trained_betas"], np.float64)
     else:
@@ -211,11 +213,11 @@ def sampling_timesteps(num_train_timesteps, num_steps, spacing="leading", steps_
     """
     n_train, n = int(num_train_timesteps), int(num_steps)
     if spacing not in SPACINGS:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; supported: {SPACINGS}")
+        raise ConfigError(f"unknown timestep spacing {spacing!r}; supported: {SPACINGS}")
     if scheduler not in ("ddim", "dpm"):
-        raise ValueError(f"unknown scheduler {scheduler!r}; supported: ('ddim', 'dpm')")
+        raise ConfigError(f"unknown scheduler {scheduler!r}; supported: ('ddim', 'dpm')")
     if not 1 <= n <= n_train:
-        raise ValueError(f"num_steps must be in [1, {n_train}], got {n}")
+        raise ConfigError(f"num_steps must be in [1, {n_train}], got {n}")
     if spacing == "trailing":
         ts = np.round(np.arange(n_train, 0, -n_train / n)).astype(np.int64) - 1
     elif scheduler == "ddim" and spacing == "linspace":

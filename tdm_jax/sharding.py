@@ -25,6 +25,8 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+
+from tdm_jax.errors import ConfigError
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 PyTree = Any
@@ -57,20 +59,20 @@ def make_mesh(shape: Sequence[int], devices=None) -> Mesh:
   devices = list(devices if devices is not None else jax.devices())
   shape = list(shape)
   if len(shape) != len(MESH_AXES):
-    raise ValueError(f"mesh.shape={tuple(shape)} must have one size per axis {MESH_AXES}")
+    raise ConfigError(f"mesh.shape={tuple(shape)} must have one size per axis {MESH_AXES}")
   if shape.count(-1) > 1:
-    raise ValueError(f"mesh.shape={tuple(shape)}: at most one axis may be -1")
+    raise ConfigError(f"mesh.shape={tuple(shape)}: at most one axis may be -1")
   if any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f"mesh.shape={tuple(shape)}: sizes must be positive (or one -1)")
+    raise ConfigError(f"mesh.shape={tuple(shape)}: sizes must be positive (or one -1)")
   known = int(np.prod([s for s in shape if s != -1]))
   if -1 in shape:
     if len(devices) % known:
-      raise ValueError(f"mesh.shape={tuple(shape)} does not divide the {len(devices)} devices; "
-                       f"make the product of the fixed sizes divide {len(devices)}")
+      raise ConfigError(f"mesh.shape={tuple(shape)} does not divide the {len(devices)} devices; "
+                        f"make the product of the fixed sizes divide {len(devices)}")
     shape[shape.index(-1)] = len(devices) // known
   if int(np.prod(shape)) != len(devices):
-    raise ValueError(f"mesh.shape={tuple(shape)} needs {int(np.prod(shape))} devices, "
-                     f"{len(devices)} are present; set mesh.shape to match (one -1 fills the rest)")
+    raise ConfigError(f"mesh.shape={tuple(shape)} needs {int(np.prod(shape))} devices, "
+                      f"{len(devices)} are present; set mesh.shape to match (one -1 fills the rest)")
   grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
@@ -80,12 +82,12 @@ def rules_from_config(rules) -> tuple:
   out = []
   for rule in rules:
     if len(rule) != 2 or not isinstance(rule[0], str):
-      raise ValueError(f"mesh.rules entry {rule!r} must be a pair (logical axis name, mesh axis or None)")
+      raise ConfigError(f"mesh.rules entry {rule!r} must be a pair (logical axis name, mesh axis or None)")
     name, target = rule
     targets = () if target is None else (tuple(target) if isinstance(target, (list, tuple)) else (target,))
     unknown = [t for t in targets if t not in MESH_AXES]
     if unknown:
-      raise ValueError(f"mesh.rules maps {name!r} to {unknown}, not mesh axes {MESH_AXES}")
+      raise ConfigError(f"mesh.rules maps {name!r} to {unknown}, not mesh axes {MESH_AXES}")
     out.append((name, None if target is None else (targets[0] if len(targets) == 1 else targets)))
   return tuple(out)
 

@@ -20,6 +20,7 @@ import optax
 
 from tdm_jax import rng
 from tdm_jax.schedules import Schedule, ddim_step, diffusion_coefficients
+from tdm_jax.errors import ConfigError
 
 Apply = Callable[..., jax.Array]
 PyTree = Any
@@ -52,19 +53,19 @@ class TDMConfig:
   def __post_init__(self):
     if self.step_weights and (len(self.step_weights) != len(self.step_choices)
                               or not all(w > 0 for w in self.step_weights)):
-      raise ValueError(f"tdm.step_weights={self.step_weights} must hold one positive weight per entry of "
-                       f"tdm.step_choices={self.step_choices} (or be empty: every K equally often)")
+      raise ConfigError(f"tdm.step_weights={self.step_weights} must hold one positive weight per entry of "
+                        f"tdm.step_choices={self.step_choices} (or be empty: every K equally often)")
     if self.loss_type not in LOSS_TYPES:
-      raise ValueError(f"tdm.loss_type={self.loss_type!r}; expected one of {LOSS_TYPES}")
+      raise ConfigError(f"tdm.loss_type={self.loss_type!r}; expected one of {LOSS_TYPES}")
     if self.interval_mode not in INTERVAL_MODES:
-      raise ValueError(f"tdm.interval_mode={self.interval_mode!r}; expected one of {INTERVAL_MODES}")
+      raise ConfigError(f"tdm.interval_mode={self.interval_mode!r}; expected one of {INTERVAL_MODES}")
     for k in self.all_step_counts:
       width = self.total_steps // k
       # The narrowest draw, t ~ U[max(min_timestep, m_k), t_k - upper_margin), must be non-empty.
       # With random_mid, m ~ U[m_k, t_k - mid_margin) must be non-empty and stay below t_k - upper_margin.
       if width - 1 - self.upper_margin <= self.min_timestep or (
           self.random_mid and (width - 1 <= self.mid_margin or self.mid_margin < self.upper_margin)):
-        raise ValueError(
+        raise ConfigError(
             f"tdm.total_steps={self.total_steps} with {k} student steps gives intervals of {width} "
             f"timesteps, too short for min_timestep={self.min_timestep}, upper_margin="
             f"{self.upper_margin}, mid_margin={self.mid_margin} (random_mid needs mid_margin >= upper_margin); "

@@ -31,6 +31,7 @@ from tdm_jax.checkpoint import Checkpointer, CheckpointError
 from tdm_jax.metrics import MetricsWriter
 from tdm_jax.optim import make_optimizers
 from tdm_jax.schedules import Schedule
+from tdm_jax.errors import ConfigError, MissingFileError, NonFiniteLossError
 
 PyTree = Any
 
@@ -57,6 +58,9 @@ class Task:
   trainable_axes: those of full-copy student and fake score when their tree is not the teacher's
     (e.g. a unified student's extra step table); with LoRA, those of the base plus any parameter
     the adapter tree trains in full that the base lacks.
+  source: the data's position when it is more than the step (a dataset read in order):
+    `state(step, num_rows) -> dict` is saved with the checkpoint of `step` (JSON), and
+    `restore(step, saved)` continues from it on resume (`tdm_jax/data.py`).
   """
   apply: Callable
   teacher_params: PyTree
@@ -75,6 +79,7 @@ class Task:
   conditioner_axes: Optional[PyTree] = None
   condition: Optional[Callable] = None
   local_batch: Optional[Callable] = None
+  source: Optional[Any] = None
 
   @property
   def networks(self) -> tdm.Networks:
@@ -97,10 +102,6 @@ class Task:
     if self.local_batch is not None:
       return self.local_batch(step, batch_size, rows)
     return jax.tree.map(lambda x: np.asarray(x)[rows], self.batch(step, batch_size))
-
-
-class NonFiniteLossError(FloatingPointError):
-  """A loss became NaN or Inf; the last good checkpoint stays on disk."""
 
 
 def _host_scalars(metrics) -> dict:
@@ -238,8 +239,8 @@ def initial_state(task: Task, config, p: Plan, teacher_params) -> tdm.TDMState:
   try:
     step = previous.latest_step
     if step is None:
-      raise FileNotFoundError(f"train.init_from={source} holds no checkpoint (no {previous.directory}/<step>); "
-                              f"point it at the workdir of a finished earlier stage, or leave it empty")
+      raise MissingFileError(f"train.init_from={source} holds no checkpoint (no {previous.directory}/<step>); "
+                             f"point it at the workdir of a finished earlier stage, or leave it empty")
     rules = sharding.rules_from_config(config.mesh.rules)
     where = lambda path, shape: sharding.NamedSharding(
         p.mesh, sharding.spec_for(shape, None, p.mesh, rules, int(config.mesh.min_shard_size)))
@@ -271,8 +272,8 @@ def distill(task: Task, config, workdir: str, *, progress: Optional[bool] = None
   mesh = sharding.make_mesh(config.mesh.shape, devices)
   multiple = sharding.batch_size_multiple(mesh)
   if tc.batch_size % multiple:
-    raise ValueError(f"train.batch_size={tc.batch_size} must be a multiple of the {multiple} batch shards "
-                     f"of mesh.shape={tuple(config.mesh.shape)}")
+    raise ConfigError(f"train.batch_size={tc.batch_size} must be a multiple of the {multiple} batch shards "
+                      f"of mesh.shape={tuple(config.mesh.shape)}")
   make_optimizers(config.optim, tc.num_iterations)  # validate before any work
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
@@ -293,6 +294,8 @@ def distill(task: Task, config, workdir: str, *, progress: Optional[bool] = None
         state, start = initial_state(task, config, p, teacher_params), 0
       else:
         logging.info("resuming from iteration %d", start)
+      if task.source is not None:
+        task.source.restore(start, checkpointer.metadata(start).get("data") if start else None)
       writer.truncate_after(start)
       if start >= tc.num_iterations:
         return state
@@ -316,7 +319,8 @@ def distill(task: Task, config, workdir: str, *, progress: Optional[bool] = None
           bar.set_postfix(fake=f"{scalars['fake_loss']:.4g}", gen=f"{scalars['generator_loss']:.4g}", refresh=False)
           bar.update(1)
           if checkpointer.should_save(done) or done == tc.num_iterations:
-            checkpointer.save(done, state)
+            position = task.source.state(done, len(rows)) if task.source is not None else None
+            checkpointer.save(done, state, metadata={"data": position} if position else None)
       finally:
         bar.close()
   finally:
@@ -367,8 +371,8 @@ def restore_state(task: Task, config, workdir: str, step: Optional[int] = None) 
   try:
     step = checkpointer.latest_step if step is None else step
     if step is None:
-      raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}; run --mode=train with this "
-                              f"--workdir first")
+      raise MissingFileError(f"no checkpoint in {checkpointer.directory}; run --mode=train with this "
+                             f"--workdir first")
     return checkpointer.restore(step, abstract)
   finally:
     checkpointer.close()

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny, fast version of the shipped vector example."""
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -51,8 +52,9 @@ SDXL_PROMPTS = ("a red circle", "a blue square on white background")
 @pytest.fixture(scope="session")
 def distilled_sdxl(tmp_path_factory):
   """configs/sdxl.py on a tiny SDXL pipeline, as a user runs it: converted, then distilled for three
-  iterations (a LoRA student for 1, 2 and 4 steps), exported and evaluated, stock Diffusers rows
-  included. (pipe, config, workdir, task, state); a test that changes the config changes a copy."""
+  iterations (a LoRA student for 1, 2 and 4 steps) from a TFDS prompt dataset written from a prompt
+  file, exported and evaluated, stock Diffusers rows included. (pipe, config, workdir, task, state);
+  a test that changes the config changes a copy."""
   import tiny_pipeline  # pylint: disable=g-import-not-at-top
   from tdm_jax import diffusers_task  # pylint: disable=g-import-not-at-top
   from tdm_jax import main as tdm_main  # pylint: disable=g-import-not-at-top
@@ -61,6 +63,10 @@ def distilled_sdxl(tmp_path_factory):
   prompt_file = root / "prompts.txt"
   prompt_file.write_text(SDXL_PROMPTS[0] + "\n\n" + SDXL_PROMPTS[1] + "\n")
   config = tiny_pipeline.tiny_sdxl_config(root / "pipeline", prompt_file)
+  subprocess.run([sys.executable, "-m", "tdm_jax.data", str(prompt_file), "--name=sdxl_prompts",
+                  f"--data_dir={root / 'tfds'}"], cwd=REPO, check=True, capture_output=True, timeout=120)
+  config.data.prompt_source = "tfds:sdxl_prompts"
+  config.data.tfds_data_dir = str(root / "tfds")
   config.model.attention = "auto"
   config.tdm.guidance_scale = 2.0
   config.optim.student_lr = 1e-2  # large, so that three iterations move the adapters visibly
@@ -74,3 +80,15 @@ def distilled_sdxl(tmp_path_factory):
   assert tdm_main.run(config, workdir, "convert") == os.path.join(workdir, "converted")
   state = tdm_main.run(config, workdir, "train")
   return pipe, config, workdir, diffusers_task.build_task(config, workdir), state
+
+
+# Tests that share a session fixture run in one pytest-xdist worker (`-n 2 --dist loadgroup`, as the README's
+# test command runs them); every other file forms its own group, so module fixtures are built once.
+SHARED_GROUPS = {"test_diffusers_task": "distilled_sdxl", "test_student_export": "distilled_sdxl"}
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    module = item.module.__name__.rsplit(".", 1)[-1]
+    item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))

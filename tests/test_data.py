@@ -1,5 +1,6 @@
-"""Prompt files, per-iteration prompt batches, and the closed-vocabulary tokenizer."""
+"""Prompt files and TFDS prompt datasets, per-iteration (per-process) batches, the closed-vocabulary tokenizer."""
 
+import numpy as np
 import pytest
 from transformers import CLIPTokenizer
 
@@ -28,7 +29,7 @@ def test_bad_prompt_files_are_named(tmp_path, content, message):
 def test_missing_prompt_file(tmp_path):
   with pytest.raises(FileNotFoundError, match="nothing.txt"):
     data.read_prompts(str(tmp_path / "nothing.txt"))
-  with pytest.raises(ValueError, match="prompt_file"):
+  with pytest.raises(ValueError, match="prompt_source"):
     data.read_prompts("")
 
 
@@ -54,3 +55,78 @@ def test_word_tokenizer_gives_one_token_per_caption_word(tmp_path):
   assert again(captions[0]).input_ids == tokenizer(captions[0]).input_ids
   with pytest.raises(ValueError, match="lowercase"):
     data.word_tokenizer(["Red"])
+
+
+# --- TFDS prompt datasets, read per process -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def prompt_dataset(tmp_path_factory):
+  """11 prompts written as the TFDS dataset `eleven` (array_record, no TensorFlow)."""
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  prompts = [f"prompt number {i}" for i in range(11)]
+  data.write_tfds_prompts(prompts, "eleven", data_dir)
+  return data_dir, prompts
+
+
+def test_tfds_dataset_is_read_without_tensorflow(prompt_dataset):
+  import sys  # pylint: disable=g-import-not-at-top
+  data_dir, prompts = prompt_dataset
+  source = data.TfdsPrompts("eleven", data_dir=data_dir, process_index=0, process_count=1)
+  assert len(source) == 11 and source.head(3) == prompts[:3]
+  assert "tensorflow" not in sys.modules
+
+
+def test_two_processes_read_disjoint_rows_whose_union_is_the_global_batch(prompt_dataset):
+  data_dir, prompts = prompt_dataset
+  readers = [data.TfdsPrompts("eleven", data_dir=data_dir, seed=3, process_index=i, process_count=2) for i in (0, 1)]
+  assert [len(r) for r in readers] == [6, 5]  # tfds.split_for_jax_process: each its own part of the split
+  batch_size, rows = 4, [np.arange(0, 2), np.arange(2, 4)]  # the global rows each process holds
+  seen = [[], []]
+  for step in range(2):  # within each process's first epoch: no record twice
+    local = [r.local_prompts(step, batch_size, rows[i]) for i, r in enumerate(readers)]
+    assert all(len(part) == 2 for part in local)
+    assert not set(local[0]) & set(local[1])  # disjoint, and together the global batch of the step
+    for i in (0, 1):
+      seen[i] += local[i]
+  assert len(set(seen[0])) == 4 and len(set(seen[1])) == 4
+  assert set(seen[0]) <= set(prompts[:6]) and set(seen[1]) <= set(prompts[6:])
+  # A pure function of the step (and the position restored with it): asking again gives the same rows.
+  assert readers[0].local_prompts(1, batch_size, rows[0]) == seen[0][2:]
+
+
+def test_tfds_position_continues_from_the_saved_state(prompt_dataset):
+  data_dir, _ = prompt_dataset
+  make = lambda: data.TfdsPrompts("eleven", data_dir=data_dir, seed=1, process_index=0, process_count=1)
+  straight = make()
+  whole = [straight.local_prompts(s, 3, np.arange(3)) for s in range(6)]
+  assert straight.state(4, 3)["position"] == 12
+  resumed = make()
+  resumed.restore(4, straight.state(4, 3))
+  assert [resumed.local_prompts(s, 3, np.arange(3)) for s in (4, 5)] == whole[4:]
+  bigger = make()  # a resumed run with a larger batch continues at the saved position
+  bigger.restore(4, straight.state(4, 3))
+  assert bigger.local_positions(4, 6) == straight.local_positions(4, 3) + straight.local_positions(5, 3)
+  assert bigger.state(5, 6)["position"] == 18
+
+
+def test_tfds_dataset_without_the_text_field_is_named(prompt_dataset):
+  data_dir, _ = prompt_dataset
+  with pytest.raises(ValueError, match=r"no text field 'caption' \(its fields: \['text'\]\).*tfds_text_field"):
+    data.TfdsPrompts("eleven", data_dir=data_dir, text_field="caption", process_index=0, process_count=1)
+
+
+def test_missing_tfds_dataset_says_how_to_write_one(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"no prepared TFDS dataset 'nowhere'.*python -m tdm_jax.data"):
+    data.TfdsPrompts("nowhere", data_dir=str(tmp_path), process_index=0, process_count=1)
+
+
+def test_shipped_shapes_prompts_as_a_tfds_dataset(tmp_path):
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  from tdm_jax import shapes_teacher  # pylint: disable=g-import-not-at-top
+  result = subprocess.run([sys.executable, "-m", "tdm_jax.data", "--shapes", "--name=shapes_prompts",
+                           f"--data_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert "--config.data.prompt_source=tfds:shapes_prompts" in result.stdout
+  shipped = data.read_prompts(shapes_teacher.SHIPPED_TRAIN_PROMPTS)
+  source = data.TfdsPrompts("shapes_prompts", data_dir=str(tmp_path), process_index=0, process_count=1)
+  assert len(source) == len(shipped) and source.head(5) == shipped[:5]

@@ -130,7 +130,7 @@ def test_lora_files_of_a_fixed_k_student_in_the_teacher_pipeline(distilled_sdxl,
 def test_missing_prompt_file_is_named(distilled_sdxl, tmp_path):
   _, config, workdir, _, _ = distilled_sdxl
   config = copy.deepcopy(config)
-  config.data.prompt_file = str(tmp_path / "none.txt")
+  config.data.prompt_source = str(tmp_path / "none.txt")
   with pytest.raises(FileNotFoundError, match="none.txt"):
     tdm_main.task_module(config).build_task(config, workdir)
 
@@ -159,3 +159,26 @@ def test_converted_trees_restore_sharded(distilled_sdxl):
   for a, b in zip(jax.tree.leaves(low), jax.tree.leaves(plain)):
     assert a.dtype == (jnp.bfloat16 if jnp.issubdtype(b.dtype, jnp.floating) else b.dtype)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(jnp.asarray(b).astype(a.dtype)))
+
+
+def test_resumed_run_continues_at_the_saved_dataset_position(distilled_sdxl, tmp_path):
+  """The fixture distilled from a TFDS dataset; its checkpoint holds the position reached, and a run
+  resumed from it with twice the batch continues there (not where 4 x 16 rows would put it)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from tdm_jax.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  _, config, workdir, _, _ = distilled_sdxl
+  config = copy.deepcopy(config)
+  saved = Checkpointer(os.path.join(workdir, "checkpoints"))
+  assert saved.metadata(3)["data"] == {"source": "tfds:sdxl_prompts", "split": "train", "process_count": 1,
+                                       "position": 3 * config.train.batch_size}
+  saved.close()
+  resumed = tmp_path / "resumed"
+  shutil.copytree(os.path.join(workdir, "checkpoints"), resumed / "checkpoints")
+  config.teacher.converted = os.path.join(workdir, "converted")
+  config.train.num_iterations = 4
+  config.train.batch_size *= 2
+  config.train.export_after = config.train.evaluate_after = False
+  tdm_main.run(config, str(resumed), "train")
+  after = Checkpointer(str(resumed / "checkpoints"))
+  assert after.metadata(4)["data"]["position"] == 3 * 8 + 16
+  after.close()

@@ -27,7 +27,7 @@ def _config(pipeline_dir, prompt_file, mesh=(1, 1, 1), rank=4):
   from configs import sdxl  # pylint: disable=g-import-not-at-top
   config = sdxl.get_config()
   config.teacher.pipeline = str(pipeline_dir)
-  config.data.prompt_file = str(prompt_file)
+  config.data.prompt_source = str(prompt_file)
   config.model.resolution = 16
   config.model.dtype = config.model.teacher_dtype = "float32"
   config.model.remat = False

@@ -167,7 +167,7 @@ def tiny_sdxl_config(pipeline_dir, prompt_file):
   from configs import sdxl  # pylint: disable=g-import-not-at-top
   config = sdxl.get_config()
   config.teacher.pipeline = str(pipeline_dir)
-  config.data.prompt_file = str(prompt_file)
+  config.data.prompt_source = str(prompt_file)
   config.model.resolution = 16
   config.model.dtype = "float32"
   config.model.teacher_dtype = "float32"

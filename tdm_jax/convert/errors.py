@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from tdm_jax.errors import ConfigError
 
-class ConversionError(ValueError):
+
+class ConversionError(ConfigError):
   """A checkpoint's tensors do not match the parameter tree its config describes."""
 
 

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from tdm_jax.files import atomic_write
+from tdm_jax.errors import ConfigError
 
 MODEL_INDEX = "model_index.json"
 CONFIG_NAMES = ("config.json", "scheduler_config.json")
@@ -37,7 +38,7 @@ _PICKLE_STEMS = ("diffusion_pytorch_model", "pytorch_model")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".ckpt", ".pt", ".pth", ".msgpack", ".h5")
 
 
-class FolderError(ValueError):
+class FolderError(ConfigError):
   """A pipeline folder or component is missing, malformed or unsupported; the message names the path and the fix."""
 
 

@@ -38,11 +38,12 @@ from tdm_jax import lora
 from tdm_jax.files import atomic_write
 from tdm_jax.convert.unet import diffusers_name, our_path, expected_param_shapes
 from tdm_jax.models.unet import UNetConfig
+from tdm_jax.errors import ConfigError
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # What `load_lora_weights(folder)` looks for.
 
 
-class LoraConversionError(ValueError):
+class LoraConversionError(ConfigError):
   """Adapters or a LoRA file do not fit the configured UNet; the message names the offenders."""
 
 

@@ -23,6 +23,7 @@ from tdm_jax.convert.clip import clip_params_from_state_dict, clip_state_dict_fr
 from tdm_jax.convert.unet import unet_params_from_state_dict, unet_state_dict_from_params
 from tdm_jax.convert.vae import vae_params_from_state_dict, vae_state_dict_from_params
 from tdm_jax.models.clip import ClipConfig
+from tdm_jax.errors import MissingFileError
 
 PyTree = Any
 MODEL_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
@@ -80,7 +81,7 @@ def save_converted(folder: str, out_dir: str, *, variant: Optional[str] = None, 
   if os.path.exists(final):
     shutil.rmtree(final)
   os.replace(staging, final)
-  checkpointer = Checkpointer(os.path.join(out_dir, "params"))
+  checkpointer = Checkpointer(os.path.join(out_dir, "params"), process_local=True)  # host trees, one writer
   try:
     checkpointer.save(CONVERTED_STEP, params)
   finally:
@@ -97,10 +98,10 @@ def load_converted(out_dir: str, sharding=None, dtype=None) -> dict:
   """The trees `save_converted` wrote, placed by `sharding` (one sharding, or (path, shape) -> sharding;
   None: the default device). `dtype`: floating-point leaves are read as it (orbax casts while
   reading, so a bf16 teacher never exists as a float32 tree first)."""
-  checkpointer = Checkpointer(os.path.join(out_dir, "params"))
+  checkpointer = Checkpointer(os.path.join(out_dir, "params"), process_local=sharding is None)
   try:
     if CONVERTED_STEP not in checkpointer.all_steps:
-      raise FileNotFoundError(f"no converted checkpoint in {out_dir}/params; run --mode=convert first")
+      raise MissingFileError(f"no converted checkpoint in {out_dir}/params; run --mode=convert first")
     abstract = checkpointer.stored_structure(CONVERTED_STEP, sharding)
     if dtype is not None:
       abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding)

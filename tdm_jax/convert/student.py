@@ -25,6 +25,7 @@ import numpy as np
 
 from tdm_jax import tdm
 from tdm_jax.schedules import sampling_timesteps
+from tdm_jax.errors import ConfigError
 
 GUIDANCE_EMBED_DIM = 256  # LCM-SDXL's time_cond_proj_dim
 METADATA = "tdm_student.json"
@@ -88,7 +89,7 @@ def step_row(table, num_steps: int) -> np.ndarray:
   """Row K of a unified student's step table (float32), or an error naming the rows it has."""
   table = np.asarray(table, np.float32)
   if not 0 <= num_steps < table.shape[0]:
-    raise ValueError(f"the student's step table has rows 0..{table.shape[0] - 1}; cannot fold K={num_steps}")
+    raise ConfigError(f"the student's step table has rows 0..{table.shape[0] - 1}; cannot fold K={num_steps}")
   return table[num_steps]
 
 
@@ -119,17 +120,17 @@ def check_folder(folder: str, num_steps: int) -> None:
   right at `num_steps`: a step count it was not trained for, or a scheduler that was swapped."""
   path = os.path.join(folder, METADATA)
   if not os.path.exists(path):
-    raise ValueError(f"{folder} has no {METADATA}: it is not a TDM student exported by this version")
+    raise ConfigError(f"{folder} has no {METADATA}: it is not a TDM student exported by this version")
   with open(path) as f:
     info = json.load(f)
   if int(num_steps) not in info["step_counts"]:
-    raise ValueError(f"{folder}: the student was trained for {info['step_counts']} steps, not {num_steps}; "
-                     f"sample it with num_inference_steps in {info['step_counts']}")
+    raise ConfigError(f"{folder}: the student was trained for {info['step_counts']} steps, not {num_steps}; "
+                      f"sample it with num_inference_steps in {info['step_counts']}")
   with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
     config = json.load(f)
   if mismatched_counts(config, info["total_steps"], [num_steps]):
     want = info["timesteps"][str(int(num_steps))]
-    raise ValueError(f"{folder}/scheduler ({config.get('_class_name')}, spacing "
-                     f"{config.get('timestep_spacing')!r}) does not give the student's timesteps {want} at "
-                     f"{num_steps} steps; restore the exported scheduler (DDIMScheduler, 'trailing', "
-                     f"set_alpha_to_one) or sample with our sampler")
+    raise ConfigError(f"{folder}/scheduler ({config.get('_class_name')}, spacing "
+                      f"{config.get('timestep_spacing')!r}) does not give the student's timesteps {want} at "
+                      f"{num_steps} steps; restore the exported scheduler (DDIMScheduler, 'trailing', "
+                      f"set_alpha_to_one) or sample with our sampler")

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from tdm_jax.models import layers
 from tdm_jax.models.attention import attention
 from tdm_jax.models.remat import own_computation
+from tdm_jax.errors import ConfigError
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 
@@ -54,12 +55,12 @@ class ClipConfig:
 
   def __post_init__(self):
     if self.hidden_act not in ACTIVATIONS:
-      raise ValueError(f"CLIP hidden_act {self.hidden_act!r} is not supported; expected one of {ACTIVATIONS}")
+      raise ConfigError(f"CLIP hidden_act {self.hidden_act!r} is not supported; expected one of {ACTIVATIONS}")
     if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"CLIP hidden_size {self.hidden_size} is not divisible by "
-                       f"num_attention_heads {self.num_attention_heads}")
+      raise ConfigError(f"CLIP hidden_size {self.hidden_size} is not divisible by "
+                        f"num_attention_heads {self.num_attention_heads}")
     if not isinstance(self.eos_token_id, int):
-      raise ValueError(f"CLIP eos_token_id must be one integer, got {self.eos_token_id!r}")
+      raise ConfigError(f"CLIP eos_token_id must be one integer, got {self.eos_token_id!r}")
 
   @property
   def head_dim(self) -> int:

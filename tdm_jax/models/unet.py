@@ -20,6 +20,7 @@ from tdm_jax.models import layers
 from tdm_jax.models.blocks import Attention, ResnetBlock2D, Upsample2D
 from tdm_jax.models.blocks import conv as _conv, dense as _dense, group_norm as _group_norm
 from tdm_jax.models.remat import rematerialised
+from tdm_jax.errors import ConfigError
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -129,24 +130,24 @@ class UNetConfig:
       if hasattr(self, key) and getattr(self, key) not in supported:
         raise _unsupported(key, getattr(self, key), list(supported))
     if len(self.up_block_types) != n or len(self.block_out_channels) != n:
-      raise ValueError(
+      raise ConfigError(
           f"unet config: down_block_types ({n}), up_block_types ({len(self.up_block_types)}) and "
           f"block_out_channels ({len(self.block_out_channels)}) must have the same length")
     for key in ("layers_per_block", "attention_head_dim", "transformer_layers_per_block"):
       value = getattr(self, key)
       if isinstance(value, tuple) and len(value) != n:
-        raise ValueError(f"unet config: {key}={value!r} must be an int or have {n} entries")
+        raise ConfigError(f"unet config: {key}={value!r} must be an int or have {n} entries")
     if not isinstance(self.cross_attention_dim, int):
       raise _unsupported("cross_attention_dim", self.cross_attention_dim, "a single int")
     if self.norm_num_groups is None:
       raise _unsupported("norm_num_groups", None, "an int")
     if self.addition_embed_type == "text_time" and (
         self.addition_time_embed_dim is None or self.projection_class_embeddings_input_dim is None):
-      raise ValueError("unet config: addition_embed_type='text_time' needs addition_time_embed_dim "
-                       "and projection_class_embeddings_input_dim")
+      raise ConfigError("unet config: addition_embed_type='text_time' needs addition_time_embed_dim "
+                        "and projection_class_embeddings_input_dim")
     for c, h in zip(self.block_out_channels, self.heads_per_block):
       if c % h:
-        raise ValueError(f"unet config: block channels {c} not divisible by {h} attention heads")
+        raise ConfigError(f"unet config: block channels {c} not divisible by {h} attention heads")
 
   def _per_block(self, value):
     return tuple(value) if isinstance(value, tuple) else (value,) * len(self.down_block_types)

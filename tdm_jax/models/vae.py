@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from tdm_jax.models import layers
 from tdm_jax.models.blocks import Attention, ResnetBlock2D, Upsample2D
+from tdm_jax.errors import ConfigError
 
 SUPPORTED_DOWN_BLOCKS = ("DownEncoderBlock2D",)
 SUPPORTED_UP_BLOCKS = ("UpDecoderBlock2D",)
@@ -72,21 +73,21 @@ class VAEConfig:
   def validate(self) -> None:
     for t in self.down_block_types:
       if t not in SUPPORTED_DOWN_BLOCKS:
-        raise ValueError(f"unsupported VAE down block type {t!r}; supported: {SUPPORTED_DOWN_BLOCKS}")
+        raise ConfigError(f"unsupported VAE down block type {t!r}; supported: {SUPPORTED_DOWN_BLOCKS}")
     for t in self.up_block_types:
       if t not in SUPPORTED_UP_BLOCKS:
-        raise ValueError(f"unsupported VAE up block type {t!r}; supported: {SUPPORTED_UP_BLOCKS}")
+        raise ConfigError(f"unsupported VAE up block type {t!r}; supported: {SUPPORTED_UP_BLOCKS}")
     if self.act_fn not in SUPPORTED_ACTS:
-      raise ValueError(f"unsupported VAE act_fn {self.act_fn!r}; supported: {SUPPORTED_ACTS}")
+      raise ConfigError(f"unsupported VAE act_fn {self.act_fn!r}; supported: {SUPPORTED_ACTS}")
     n = len(self.block_out_channels)
     if len(self.down_block_types) != n or len(self.up_block_types) != n:
-      raise ValueError(
+      raise ConfigError(
           f"VAE config: down_block_types ({len(self.down_block_types)}), up_block_types "
           f"({len(self.up_block_types)}) and block_out_channels ({n}) must have the same length")
     for c in self.block_out_channels:
       if c % self.norm_num_groups:
-        raise ValueError(f"VAE config: block_out_channels {c} not divisible by norm_num_groups "
-                         f"{self.norm_num_groups}")
+        raise ConfigError(f"VAE config: block_out_channels {c} not divisible by norm_num_groups "
+                          f"{self.norm_num_groups}")
 
 
 def _conv(features: int, kernel: int, name: str, dtype, param_dtype, stride: int = 1,
