@@ -23,7 +23,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # torch is only a parity reference in tests; install torch==2.13.0 (the CPU build) first,
-    # then this range installs nothing more. Runtime code never imports torch.
+    # then this range installs nothing more. Runtime code never imports torch. pytest-xdist runs the
+    # suite on two workers; nbclient, nbformat and ipykernel execute launch/colab_tpu.ipynb.
     "test": ["pytest>=8.0", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "torch>=2.4,<=2.14.1", "peft>=0.17"],
     "gpu": ["jax[cuda12]"],
     "tpu": ["jax[tpu]"],

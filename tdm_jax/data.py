@@ -127,7 +127,7 @@ class TfdsPrompts:
     if text_field not in fields:
       raise ConfigError(f"TFDS dataset {name} has no text field {text_field!r} (its fields: {fields}); set "
                         f"--config.data.tfds_text_field to the one holding the prompts")
-    if split not in builder.info.splits:
+    if split.split("[")[0] not in builder.info.splits:  # "train" or a slice of it, "train[:90%]"
       raise ConfigError(f"TFDS dataset {name} has no split {split!r} (its splits: {list(builder.info.splits)}); "
                         f"set --config.data.tfds_split")
     self._tfds = tfds
@@ -137,8 +137,7 @@ class TfdsPrompts:
       raise ConfigError(f"TFDS dataset {name}, split {split!r}, leaves process {self.process_index} of "
                         f"{self.process_count} no records; use a larger split or fewer processes")
     self._origin = (0, 0)  # (step, position) the positions of later steps count from
-    self._num_rows = None
-    self._permutations = {}
+    self._permutations = {}  # the current epoch's permutation only
 
   def __len__(self) -> int:
     """Records in this process's part of the split."""
@@ -167,7 +166,6 @@ class TfdsPrompts:
 
   def local_prompts(self, step: int, batch_size: int, rows: Sequence[int]) -> list:
     del batch_size  # each process reads its own records; the global batch is theirs together
-    self._num_rows = len(rows)
     return [_text(self._local[i][self.text_field]) for i in self.local_positions(step, len(rows))]
 
   def head(self, n: int) -> list:

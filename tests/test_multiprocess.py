@@ -80,7 +80,7 @@ def tiny_job(tmp_path_factory):
   flags = ["--config=configs/sdxl.py", f"--config.teacher.pipeline={root / 'pipeline'}",
            f"--config.teacher.converted={converted}", f"--config.data.prompt_source={prompts}",
            "--config.model.resolution=16", "--config.model.dtype=float32", "--config.model.teacher_dtype=float32",
-           "--config.model.remat=False", "--config.optim.student_warmup_steps=0", "--config.optim.student_lr=1e-3",
+           "--config.model.remat=False", "--config.optim.student_warmup_steps=0", "--config.optim.student_lr=1e-3", "--config.optim.eps=1e-4",
            "--config.train.batch_size=8", "--config.train.progress=False", "--config.mesh.shape=(1,-1,1)",
            f"--config.train.num_iterations={ITERATIONS}", "--config.train.checkpoint_every=2",
            "--config.train.keep_checkpoints=0"]
@@ -88,14 +88,15 @@ def tiny_job(tmp_path_factory):
 
 
 def student_of(workdir, step):
+  """{path: array} of the student saved at `step` in `workdir`."""
+  import jax  # pylint: disable=g-import-not-at-top
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
-    import jax  # pylint: disable=g-import-not-at-top
     tree = ckpt.restore(step, ckpt.stored_structure(step, jax.sharding.SingleDeviceSharding(jax.devices()[0])))
   finally:
     ckpt.close()
-  import jax  # pylint: disable=g-import-not-at-top
-  return [np.asarray(x) for x in jax.tree.leaves(tree["student_params"])]
+  flat = jax.tree_util.tree_flatten_with_path(tree["student_params"])[0]
+  return {jax.tree_util.keystr(path): np.asarray(x) for path, x in flat}
 
 
 def test_two_processes_killed_and_restarted_equal_one_process(tiny_job, tmp_path):
@@ -136,18 +137,22 @@ def test_two_processes_killed_and_restarted_equal_one_process(tiny_job, tmp_path
   config.train.checkpoint_every = 2
   config.train.export_after = config.train.evaluate_after = False
   config.optim.student_lr = 1e-3
+  config.optim.eps = 1e-4
   config.mesh.shape = (1, -1, 1)
   single = str(tmp_path / "one")
   tdm_main.run(config, single, "train")
   a, b = student_of(workdir, ITERATIONS), student_of(single, ITERATIONS)
-  assert len(a) == len(b)
-  # Gloo sums the gradients over the two processes in another order than one process does; Adam (b1 = 0)
-  # turns such last-bit differences of near-zero gradients into differences of a small part of a step.
-  tolerance = 5e-5  # 5% of one step (lr 1e-3)
-  moved = max(float(np.max(np.abs(x - y))) for x, y in zip(a, student_of(single, 2)))
-  assert moved > 20 * tolerance  # the student moved after the kill, so the equality below says something
-  for x, y in zip(a, b):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=tolerance)
+  assert a.keys() == b.keys()
+  start = student_of(single, 2)
+  # Gloo sums gradients over the two processes in another order than one process does, and TDM's
+  # normalised, near-sign updates carry such last-bit differences on: the result equals the one-process
+  # run's to 1% of one Adam step of each parameter (lr 1e-3; the K table's 100x, configs/sdxl.py),
+  # while the training moved it by hundreds of steps' worth (Adam eps 1e-4 as in test_sdxl_scale.py).
+  for path in a:
+    step = 1e-3 * (100.0 if "class_embedding" in path else 1.0)
+    np.testing.assert_allclose(a[path], b[path], rtol=0, atol=0.01 * step, err_msg=path)
+  moved = max(float(np.max(np.abs(a[p] - start[p]))) / (1e-1 if "class_embedding" in p else 1e-3) for p in a)
+  assert moved > 1.0  # at least one whole step after the kill: the equality above says something
 
 
 def test_unreachable_coordinator_is_a_clear_error_in_bounded_time(tiny_job, tmp_path):

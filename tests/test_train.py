@@ -171,9 +171,9 @@ _TINY_FLAGS = [
 ]
 
 
-def _main(workdir, *extra, wait=True):
-  cmd = [sys.executable, "-m", "tdm_jax.main", f"--workdir={workdir}", *_TINY_FLAGS, *extra]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+def _main(workdir, *extra, wait=True, env=None, base=tuple(_TINY_FLAGS)):
+  cmd = [sys.executable, "-m", "tdm_jax.main", f"--workdir={workdir}", *base, *extra]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
   if wait:
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -221,3 +221,24 @@ def test_sigkill_then_resume_is_bitwise_identical(toy_config, toy_teacher_dir, t
   a = _leaves(train.restore_state(task, toy_config, straight, step=2 * n))
   b = _leaves(train.restore_state(task, toy_config, killed, step=2 * n))
   assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("case", ["mesh", "workdir", "pipeline"])
+def test_user_errors_print_one_line_and_exit_2(tmp_path, case):
+  """A mistake the user fixes is one line on stderr and exit status 2; --verbosity=1 adds the traceback."""
+  workdir, flags, message, base = str(tmp_path / "w"), [], "", _TINY_FLAGS
+  if case == "mesh":
+    flags, message = ["--config.mesh.shape=(3,1,1)"], "mesh.shape=(3, 1, 1) needs 3 devices"
+  elif case == "workdir":
+    (tmp_path / "a_file").write_text("")
+    workdir, message = str(tmp_path / "a_file" / "w"), "cannot be written (NotADirectoryError"
+  else:
+    flags, message, base = [f"--config.teacher.pipeline={tmp_path / 'nowhere'}"], "nowhere", ["--config=configs/sdxl.py"]
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  result = _main(workdir, *flags, env=env, base=base)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and message in last, last
+  verbose = _main(workdir, *flags, "--verbosity=1", env=env, base=base)
+  assert verbose.returncode != 0 and "Traceback" in verbose.stderr
