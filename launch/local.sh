@@ -32,7 +32,11 @@ if [ -n "$devices" ]; then
   xla=("XLA_FLAGS=--xla_force_host_platform_device_count=$devices" "JAX_PLATFORMS=cpu")
 fi
 if [ "$processes" = 1 ]; then
-  run env "${xla[@]}" python -m tdm_jax.main --config="$config" --workdir="$workdir" "$@"
+  if [ ${#xla[@]} -gt 0 ]; then
+    run env "${xla[@]}" python -m tdm_jax.main --config="$config" --workdir="$workdir" "$@"
+  else
+    run python -m tdm_jax.main --config="$config" --workdir="$workdir" "$@"
+  fi
   exit $?
 fi
 pids=()

@@ -68,7 +68,8 @@ def wait_all(procs, timeout=420):
 
 @pytest.fixture(scope="module")
 def tiny_job(tmp_path_factory):
-  """A tiny SDXL pipeline converted once, and the command-line flags of configs/sdxl.py on it."""
+  """A tiny SDXL pipeline (converted once, for the one-process reference) and the command-line flags of
+  configs/sdxl.py on it."""
   root = tmp_path_factory.mktemp("multiprocess")
   tiny_pipeline.make_tiny_sdxl_pipeline(root / "pipeline", transformer_depth=(1, 1))
   prompts = root / "prompts.txt"
@@ -77,8 +78,9 @@ def tiny_job(tmp_path_factory):
   converted = str(root / "converted")
   config.teacher.converted = converted
   tdm_main.run(config, str(root / "convert_work"), "convert")
+  # Without teacher.converted: each job converts into its workdir on process 0 while the others wait.
   flags = ["--config=configs/sdxl.py", f"--config.teacher.pipeline={root / 'pipeline'}",
-           f"--config.teacher.converted={converted}", f"--config.data.prompt_source={prompts}",
+           f"--config.data.prompt_source={prompts}",
            "--config.model.resolution=16", "--config.model.dtype=float32", "--config.model.teacher_dtype=float32",
            "--config.model.remat=False", "--config.optim.student_warmup_steps=0", "--config.optim.student_lr=1e-3", "--config.optim.eps=1e-4",
            "--config.train.batch_size=8", "--config.train.progress=False", "--config.mesh.shape=(1,-1,1)",
@@ -132,6 +134,7 @@ def test_two_processes_killed_and_restarted_equal_one_process(tiny_job, tmp_path
   assert os.path.isfile(os.path.join(workdir, "eval", "comparison.png"))
   assert os.path.isdir(os.path.join(workdir, "export", "lora"))
   assert os.path.isfile(os.path.join(workdir, "config.json"))
+  assert os.path.isdir(os.path.join(workdir, "converted", "params"))  # converted by process 0 alone
 
   config.train.num_iterations = ITERATIONS
   config.train.checkpoint_every = 2
