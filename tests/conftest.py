@@ -87,6 +87,7 @@ def distilled_sdxl(tmp_path_factory):
 SHARED_GROUPS = {"test_diffusers_task": "distilled_sdxl", "test_student_export": "distilled_sdxl"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
   del config
   for item in items:
