@@ -31,11 +31,11 @@ from tdm_jax.convert import lora as lora_io
 from tdm_jax.convert import pipeline as pipeline_io
 from tdm_jax.convert import student as student_io
 from tdm_jax.convert import unet as unet_io
+from tdm_jax.errors import ConfigError
 from tdm_jax.models.clip import ClipConfig, CLIPTextEncoder
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from tdm_jax.schedules import from_diffusers_config
 from tdm_jax.train import Task, sampling_params
-from tdm_jax.errors import ConfigError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))

@@ -35,9 +35,9 @@ import optax
 import scipy.linalg
 
 from tdm_jax import shapes_data
+from tdm_jax.errors import ConfigError, MissingFileError
 from tdm_jax.files import atomic_write_bytes
 from tdm_jax.shapes_data import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, ShapesConfig
-from tdm_jax.errors import ConfigError, MissingFileError
 
 NUM_POSITIONS = len(POSITIONS)
 CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")

@@ -19,8 +19,8 @@ import numpy as np
 import optax
 
 from tdm_jax import rng
-from tdm_jax.schedules import Schedule, ddim_step, diffusion_coefficients
 from tdm_jax.errors import ConfigError
+from tdm_jax.schedules import Schedule, ddim_step, diffusion_coefficients
 
 Apply = Callable[..., jax.Array]
 PyTree = Any

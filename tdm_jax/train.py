@@ -28,10 +28,10 @@ from absl import logging
 
 from tdm_jax import lora, rng, sharding, tdm
 from tdm_jax.checkpoint import Checkpointer, CheckpointError
+from tdm_jax.errors import ConfigError, MissingFileError, NonFiniteLossError
 from tdm_jax.metrics import MetricsWriter
 from tdm_jax.optim import make_optimizers
 from tdm_jax.schedules import Schedule
-from tdm_jax.errors import ConfigError, MissingFileError, NonFiniteLossError
 
 PyTree = Any
 

@@ -35,10 +35,10 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from tdm_jax import lora
-from tdm_jax.files import atomic_write
 from tdm_jax.convert.unet import diffusers_name, our_path, expected_param_shapes
-from tdm_jax.models.unet import UNetConfig
 from tdm_jax.errors import ConfigError
+from tdm_jax.files import atomic_write
+from tdm_jax.models.unet import UNetConfig
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # What `load_lora_weights(folder)` looks for.
 

@@ -24,9 +24,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tdm_jax.errors import ConfigError
 from tdm_jax.models import layers
 from tdm_jax.models.blocks import Attention, ResnetBlock2D, Upsample2D
-from tdm_jax.errors import ConfigError
 
 SUPPORTED_DOWN_BLOCKS = ("DownEncoderBlock2D",)
 SUPPORTED_UP_BLOCKS = ("UpDecoderBlock2D",)
