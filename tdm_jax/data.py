@@ -69,11 +69,6 @@ def prompt_indices(count: int, seed: int, step: int, batch_size: int) -> np.ndar
   return gen.integers(0, count, size=batch_size)
 
 
-def prompt_batch(prompts: Sequence[str], seed: int, step: int, batch_size: int) -> list:
-  """The prompts of iteration `step`: drawn uniformly with replacement, deterministic in (seed, step)."""
-  return [prompts[i] for i in prompt_indices(len(prompts), seed, step, batch_size)]
-
-
 class PromptList:
   """Prompts held whole (a file's); the global batch of a step is the same for any number of processes."""
 

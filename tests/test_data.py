@@ -35,9 +35,13 @@ def test_missing_prompt_file(tmp_path):
 
 def test_prompt_batches_are_a_function_of_seed_and_step():
   prompts = [f"p{i}" for i in range(50)]
-  assert data.prompt_batch(prompts, 0, 7, 16) == data.prompt_batch(prompts, 0, 7, 16)
-  assert data.prompt_batch(prompts, 0, 7, 16) != data.prompt_batch(prompts, 0, 8, 16)
-  assert data.prompt_batch(prompts, 0, 7, 16) != data.prompt_batch(prompts, 1, 7, 16)
+  batch = lambda seed, step: data.PromptList(prompts, seed).local_prompts(step, 16, range(16))
+  assert batch(0, 7) == batch(0, 7)
+  assert batch(0, 7) != batch(0, 8)
+  assert batch(0, 7) != batch(1, 7)
+  # Each process asks for its rows only; together they are the global batch, for any split of the rows.
+  source = data.PromptList(prompts, 0)
+  assert source.local_prompts(7, 16, range(4)) + source.local_prompts(7, 16, range(4, 16)) == batch(0, 7)
 
 
 def test_word_tokenizer_gives_one_token_per_caption_word(tmp_path):
