@@ -24,6 +24,8 @@ from typing import Callable, Mapping, Optional
 
 import jax
 import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
 
 from tdm_jax.errors import DistributedError
 
@@ -118,8 +120,7 @@ def initialize(s: Settings) -> None:
     watchdog.cancel()
   if s.explicit and jax.process_count() != s.num_processes:
     raise DistributedError(f"--num_processes={s.num_processes} but {jax.process_count()} processes joined")
-  if jax.process_index() != 0:
-    from absl import logging  # pylint: disable=g-import-not-at-top
+  if not is_primary():
     logging.set_verbosity(logging.ERROR)
 
 
@@ -131,7 +132,6 @@ def is_primary() -> bool:
 def barrier(name: str) -> None:
   """Waits until every process reaches `name` (no-op with one process)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
 
 
@@ -155,13 +155,11 @@ def agree(flag: bool) -> np.ndarray:
   """Every process's `flag`, on every process (a length-1 array with one process)."""
   if jax.process_count() == 1:
     return np.asarray([flag])
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).reshape(-1).astype(bool)
 
 
 def host_copy(tree):
   """The whole of every (sharded, multi-process) array of `tree` as numpy, on every process."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
@@ -190,7 +188,6 @@ def check_workdir(workdir: str) -> None:
                            "several hosts)")
   if jax.process_count() == 1:
     return
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   token = int(multihost_utils.broadcast_one_to_all(np.asarray(uuid.uuid4().int % 2 ** 62, np.int64)))
   token_file = os.path.join(workdir, TOKEN_FILE)
   if here == 0:

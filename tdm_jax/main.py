@@ -80,8 +80,9 @@ def _after_training(config, workdir: str, module, task, state) -> None:
     return
   params = train.student_params(state)
   if jax.process_count() > 1:  # sharded over every process: gather what process 0 will use
-    params, teacher = distributed.host_copy((params, task.teacher_params))
-    task = dataclasses.replace(task, teacher_params=teacher)
+    params = distributed.host_copy(params)
+    if config.train.evaluate_after:  # the export reads the teacher from its converted folder
+      task = dataclasses.replace(task, teacher_params=distributed.host_copy(task.teacher_params))
   if not distributed.is_primary():
     return
   if wanted_export:

@@ -12,8 +12,7 @@ import math
 import os
 from typing import Mapping
 
-import jax
-
+from tdm_jax import distributed
 from tdm_jax.files import atomic_write_bytes
 
 
@@ -21,7 +20,7 @@ class MetricsWriter:
   """Writes scalars from process 0 only; other processes hold a no-op writer."""
 
   def __init__(self, workdir: str, *, tensorboard: bool = True):
-    self.enabled = jax.process_index() == 0
+    self.enabled = distributed.is_primary()
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if self.enabled:

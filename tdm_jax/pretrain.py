@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 import tqdm
 
-from tdm_jax import rng
+from tdm_jax import distributed, rng
 from tdm_jax.checkpoint import Checkpointer
 from tdm_jax.errors import NonFiniteLossError
 from tdm_jax.metrics import MetricsWriter
@@ -104,7 +104,7 @@ def fit(step_fn: Callable, init_fn: Callable, batch_fn: Callable, *, num_iterati
       start, state = 0, jax.jit(init_fn)()
     writer.truncate_after(start)
     bar = tqdm.tqdm(total=num_iterations, initial=start, desc=desc, unit="it", dynamic_ncols=True,
-                    disable=not progress or jax.process_index() != 0)
+                    disable=not progress or not distributed.is_primary())
     for step in range(start, num_iterations):
       state, scalars = step_fn(state, batch_fn(step), jnp.int32(step))
       done = step + 1

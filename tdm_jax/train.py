@@ -26,7 +26,7 @@ import optax
 import tqdm
 from absl import logging
 
-from tdm_jax import lora, rng, sharding, tdm
+from tdm_jax import distributed, lora, rng, sharding, tdm
 from tdm_jax.checkpoint import Checkpointer, CheckpointError
 from tdm_jax.errors import ConfigError, MissingFileError, NonFiniteLossError
 from tdm_jax.metrics import MetricsWriter
@@ -276,7 +276,7 @@ def distill(task: Task, config, workdir: str, *, progress: Optional[bool] = None
                       f"of mesh.shape={tuple(config.mesh.shape)}")
   make_optimizers(config.optim, tc.num_iterations)  # validate before any work
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
+  if distributed.is_primary():
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
@@ -306,7 +306,7 @@ def distill(task: Task, config, workdir: str, *, progress: Optional[bool] = None
       first = inputs_at(start)
       compiled, _ = compile_step(make_train_step(task, config), p, state, teacher_params, conditioner, first)
       bar = tqdm.tqdm(total=tc.num_iterations, initial=start, desc="tdm", unit="it", dynamic_ncols=True,
-                      disable=not show or jax.process_index() != 0)
+                      disable=not show or not distributed.is_primary())
       try:
         for step in range(start, tc.num_iterations):
           inputs = first if step == start else inputs_at(step)
