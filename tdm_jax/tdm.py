@@ -232,9 +232,17 @@ def gather_points(stacked: jax.Array, j: jax.Array) -> jax.Array:
   return jnp.take_along_axis(stacked, _bcast(j, stacked[0])[None], axis=0)[0]
 
 
-def noisy_sample(key, schedule: Schedule, cfg: TDMConfig, x0_s, eps_s, seg: Segments) -> NoisySample:
-  """Move the student's prediction to m along its own ODE, then diffuse forward to t."""
-  b = x0_s.shape[0]
+class SampleDraws(NamedTuple):
+  """The random part of a step-aware sample: the interval point m, the timestep t, the fresh noise n."""
+  m: jax.Array
+  t: jax.Array
+  noise: jax.Array
+
+
+def draw_sample(key, cfg: TDMConfig, seg: Segments, shape: tuple, dtype=jnp.float32) -> SampleDraws:
+  """m (m_k, or U[m_k, t_k - mid_margin) with random_mid), t ~ U[max(min_timestep, m), hi) and n ~ N(0, I)
+  for samples of `shape`; they depend on the segments alone, never on the networks."""
+  b = shape[0]
   k_mid, k_t, k_n = jax.random.split(key, 3)
   m = seg.m_k
   if cfg.random_mid:
@@ -244,13 +252,51 @@ def noisy_sample(key, schedule: Schedule, cfg: TDMConfig, x0_s, eps_s, seg: Segm
   else:
     hi = jnp.full((b,), cfg.total_steps - cfg.upper_margin)
   t = jax.random.randint(k_t, (b,), jnp.maximum(cfg.min_timestep, m), hi)
-  n = jax.random.normal(k_n, x0_s.shape, x0_s.dtype)
+  return SampleDraws(m=m, t=t, noise=jax.random.normal(k_n, shape, dtype))
+
+
+def noisy_sample_from(schedule: Schedule, x0_s, eps_s, draws: SampleDraws) -> NoisySample:
+  """Move the student's prediction to m along its own ODE, then diffuse forward to t with n."""
+  m, t, n = draws
   ratio, b_coef = diffusion_coefficients(schedule, m, t)  # x_t = ratio x_m + b n (schedules.diffuse)
   x_m = ddim_step(schedule, x0_s, eps_s, m)
   x_t = _bcast(ratio, x_m) * x_m + _bcast(b_coef, n) * n
   s_t, s_m = schedule.s(t), schedule.s(m)
   e = (_bcast(ratio * s_m, eps_s) * eps_s + _bcast(b_coef, n) * n) / _bcast(s_t, n)
   return NoisySample(x_t=x_t, t=t, m=m, noise=n, effective_noise=e)
+
+
+def noisy_sample(key, schedule: Schedule, cfg: TDMConfig, x0_s, eps_s, seg: Segments) -> NoisySample:
+  """Move the student's prediction to m along its own ODE, then diffuse forward to t."""
+  return noisy_sample_from(schedule, x0_s, eps_s, draw_sample(key, cfg, seg, x0_s.shape, x0_s.dtype))
+
+
+class IterationDraws(NamedTuple):
+  """Every random number of one iteration at K = num_steps: the rollout's start z, and the segments and
+  sample draws of the fake-score and generator updates. A function of the key and K only, so another
+  implementation of the iteration can be handed the same numbers (benchmarks/torch_iteration.py)."""
+  num_steps: Any
+  z: jax.Array
+  fake_segments: Segments
+  fake_sample: SampleDraws
+  generator_segments: Segments
+  generator_sample: SampleDraws
+
+
+def iteration_draws(cfg: TDMConfig, key, batch: int, sample_shape: tuple, num_steps=None) -> IterationDraws:
+  """The draws of the iteration with key `key`; K is `num_steps`, else drawn (`draw_step_count`) when
+  `cfg.step_choices` is set, else `cfg.num_student_steps`."""
+  if num_steps is None:
+    num_steps = draw_step_count(cfg, key) if cfg.step_choices else cfg.num_student_steps
+  noise_key, fake_key, gen_key = (rng.role_key(key, r) for r in
+                                  (rng.Role.STUDENT_NOISE, rng.Role.FAKE_SAMPLE, rng.Role.GENERATOR_SAMPLE))
+  shape = (batch,) + tuple(sample_shape)
+  out = [num_steps, jax.random.normal(noise_key, shape, jnp.float32)]
+  for role_key in (fake_key, gen_key):
+    seg_key, sample_key = jax.random.split(role_key)
+    seg = draw_segments(seg_key, batch, cfg.total_steps, num_steps, max(cfg.all_step_counts))
+    out += [seg, draw_sample(sample_key, cfg, seg, shape)]
+  return IterationDraws(*out)
 
 
 def importance_weight(effective_noise, noise) -> jax.Array:
@@ -348,24 +394,21 @@ def _iteration_for_k(num_steps, state: TDMState, teacher_params, cond, uncond, k
   sg = jax.lax.stop_gradient
   batch = jax.tree.leaves(cond)[0].shape[0]
   jax.tree.map(lambda u: _batch_of(u, batch, "the unconditional input"), uncond)
-  noise_key, fake_key, gen_key = (rng.role_key(key, r) for r in
-                                  (rng.Role.STUDENT_NOISE, rng.Role.FAKE_SAMPLE, rng.Role.GENERATOR_SAMPLE))
+  draws = iteration_draws(cfg, key, batch, sample_shape, num_steps)
   student_extra = _extras(cfg, num_steps, batch)
 
   # 1. The student's K-step trajectory, once for the whole batch, without gradients.
-  z = jax.random.normal(noise_key, (batch,) + tuple(sample_shape), jnp.float32)
   if isinstance(num_steps, int):
-    traj = rollout(nets.student, state.student_params, schedule, z, cond,
+    traj = rollout(nets.student, state.student_params, schedule, draws.z, cond,
                    student_timesteps(cfg.total_steps, num_steps), **student_extra)
   else:
-    traj = rollout_first(nets.student, state.student_params, schedule, z, cond, num_steps,
+    traj = rollout_first(nets.student, state.student_params, schedule, draws.z, cond, num_steps,
                          max(cfg.all_step_counts), cfg.total_steps, **student_extra)
 
   # 2. Fake-score update on a step-aware sample built from the rollout's own predictions.
-  seg_key, sample_key = jax.random.split(fake_key)
-  seg = draw_segments(seg_key, batch, cfg.total_steps, num_steps, max(cfg.all_step_counts))
+  seg = draws.fake_segments
   x0_s, eps_s = gather_points(traj.x0, seg.j), gather_points(traj.eps, seg.j)
-  sample = noisy_sample(sample_key, schedule, cfg, x0_s, eps_s, seg)
+  sample = noisy_sample_from(schedule, x0_s, eps_s, draws.fake_sample)
   (fake_loss, fake_aux), fake_grads = jax.value_and_grad(fake_score_loss, has_aux=True)(
       state.fake_params, nets.fake, schedule, cfg, x0_s, sample, cond,
       **_extras(cfg, num_steps, batch, seg, fake=True))
@@ -373,12 +416,11 @@ def _iteration_for_k(num_steps, state: TDMState, teacher_params, cond, uncond, k
   fake_params = optax.apply_updates(state.fake_params, updates)
 
   # 3. Generator update on a fresh sample; gradient only through the student's x0 at (x_k, t_k).
-  seg_key, sample_key = jax.random.split(gen_key)
-  seg = draw_segments(seg_key, batch, cfg.total_steps, num_steps, max(cfg.all_step_counts))
+  seg = draws.generator_segments
   x_k = gather_points(traj.x, seg.j)
   student_fn = lambda p: predict(nets.student, p, schedule, x_k, seg.t_k, cond, **student_extra)
   (x0_s, eps_s), student_vjp = jax.vjp(student_fn, state.student_params)
-  sample = noisy_sample(sample_key, schedule, cfg, sg(x0_s), sg(eps_s), seg)
+  sample = noisy_sample_from(schedule, sg(x0_s), sg(eps_s), draws.generator_sample)
   x0_real = guided_x0(nets.teacher, teacher_params, schedule, sample.x_t, sample.t, cond, uncond,
                       cfg.guidance_scale)
   x0_fake, _ = predict(nets.fake, fake_params, schedule, sample.x_t, sample.t, cond,
