@@ -1,0 +1,255 @@
+"""Our TDM iteration beside the same iteration in PyTorch/Diffusers (benchmarks/torch_iteration.py), one process.
+
+  python benchmarks/iteration.py --size=shapes            # the shipped shapes pipeline, batch 32
+  python benchmarks/iteration.py --size=sdxl256           # SDXL's architecture at 256 px, batch 1, LoRA r64, bf16
+  python benchmarks/iteration.py --size=shapes --torch=eager,compile --repeats=3 --iterations=4
+
+Both sides run the run's own config (configs/shapes.py or configs/sdxl.py) and the same K sequence
+(unified TDM draws K per iteration: K of iteration i is our key's), on the same token ids. Shapes:
+ours and theirs alternate `--repeats` times, `--iterations` iterations each; the figure is the median
+over repetitions of ms per iteration. SDXL: the two do not fit in 24 GiB together, so ours runs first,
+is freed, then theirs (random weights on both sides, ours from the published configs, theirs built in
+bf16 from the same configs). Also printed: FLOPs per iteration of our compiled step (tdm_jax/flops.py,
+loops counted as often as they run, and XLA's cost analysis) in teacher forwards, against the sum of
+its parts compiled alone and the textbook count, and MFU when `--peak_tflops` is given.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # pylint: disable=wrong-import-position
+import jax.numpy as jnp  # pylint: disable=wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from tdm_jax import diffusers_task, flops, rng, sharding, tdm, train  # pylint: disable=wrong-import-position
+
+_SIZE = flags.DEFINE_enum("size", "shapes", ["shapes", "sdxl256", "sdxl1024"], "Which row.")
+_TORCH = flags.DEFINE_list("torch", ["eager", "compile"], "PyTorch modes: eager, compile.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Alternating repetitions (shapes).")
+_ITERATIONS = flags.DEFINE_integer("iterations", 4, "Iterations per repetition.")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Override the row's batch size.")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "The device's peak TFLOP/s in the compute dtype, for MFU "
+                           "(H100 SXM bf16 dense: 989); 0: no MFU.")
+_FLOPS = flags.DEFINE_bool("flops", True, "Count FLOPs of the step and of its parts.")
+_WORKDIR = flags.DEFINE_string("workdir", "", "Where the shapes teacher is converted (default: a temp dir).")
+
+
+def row_config(size: str, batch_size: int = 0):
+  """The run config of a row: configs/shapes.py, or configs/sdxl.py shape-only at 256 / 1024 px, batch 1."""
+  if size == "shapes":
+    from configs import shapes  # pylint: disable=g-import-not-at-top
+    config = shapes.get_config()
+  else:
+    from configs import sdxl  # pylint: disable=g-import-not-at-top
+    config = sdxl.get_config()
+    config.model.resolution = 256 if size == "sdxl256" else 1024
+    config.train.batch_size = 1
+    config.mesh.shape = (1, 1, 1)
+  if batch_size:
+    config.train.batch_size = batch_size
+  config.train.progress = False
+  return config
+
+
+class Ours:
+  """Our compiled TDM step on one device, run iteration by iteration from a fresh state."""
+
+  def __init__(self, config, workdir: str, devices=None):
+    devices = devices or jax.devices()[:1]
+    self.config = config
+    self.task = diffusers_task.build_task(config, workdir, devices=devices)
+    self.mesh = sharding.make_mesh((1, 1, 1), devices)
+    with jax.set_mesh(self.mesh):
+      self.plan = train.plan(self.task, config, self.mesh)
+      self.teacher = jax.device_put(self.task.teacher_params, self.plan.teacher)
+      self.conditioner = jax.device_put(self.task.conditioner, self.plan.conditioner)
+      self.state = train.initial_state(self.task, config, self.plan, self.teacher)
+      self.compiled, self.compile_times = train.compile_step(train.make_train_step(self.task, config), self.plan,
+                                                             self.state, self.teacher, self.conditioner,
+                                                             self.inputs(0))
+    self.cfg = tdm.TDMConfig.from_config(config.tdm)
+    self.step = 0
+
+  def inputs(self, step: int):
+    return self.task.batch(step, self.config.train.batch_size)
+
+  def device_inputs(self, step: int):
+    b = self.config.train.batch_size
+    return sharding.global_batch(self.inputs(step), self.mesh, b, np.arange(b))
+
+  def num_steps(self, step: int) -> int:
+    if not self.cfg.step_choices:
+      return self.cfg.num_student_steps
+    return int(tdm.draw_step_count(self.cfg, rng.iteration_key(self.config.seed, step)))
+
+  def run(self, step: int):
+    """One iteration at `step` (the state carries on from whatever ran before); returns host metrics."""
+    with jax.set_mesh(self.mesh):
+      self.state, metrics = self.compiled(self.state, self.teacher, self.conditioner, self.device_inputs(step))
+      return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def theirs(config, ours: Ours, mode: str, reference_only: bool):
+  """The PyTorch iteration for the same config: the Diffusers folder the task was converted from, or
+  random weights from the published configs."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch_iteration  # pylint: disable=g-import-not-at-top
+  dtype = getattr(torch, config.model.dtype)
+  if reference_only:
+    frozen = torch_iteration.load_frozen(None, dtype, reference=diffusers_task.reference_folder(config))
+  else:
+    frozen = torch_iteration.load_frozen(config.teacher.pipeline, dtype)
+  resolution = ours.task.sample_shape[-1] * 8
+  return torch_iteration.TorchTDM(config, frozen, ours.task.schedule, resolution, compile=mode == "compile")
+
+
+def time_ours(ours: Ours, steps) -> float:
+  began = time.perf_counter()
+  for s in steps:
+    ours.run(s)
+  return (time.perf_counter() - began) / len(steps)
+
+
+def time_theirs(model, ours: Ours, steps, generator) -> float:
+  import torch_iteration  # pylint: disable=g-import-not-at-top
+  inputs = {s: ours.inputs(s) for s in steps}  # host tokenisation is outside both sides' timing
+  began = time.perf_counter()
+  for s in steps:
+    draws = torch_iteration.torch_draws(ours.cfg, ours.num_steps(s), ours.config.train.batch_size,
+                                        ours.task.sample_shape, generator)
+    model.iterate(inputs[s], draws)
+  return (time.perf_counter() - began) / len(steps)
+
+
+# -- FLOP accounting ------------------------------------------------------------------------------
+
+def part_flops(ours: Ours) -> dict:
+  """FLOPs of the step's parts compiled alone, at the step's batch B: the teacher's forward (B), the
+  student's forward and forward + backward (its trained tree, remat as configured), the guided teacher
+  (2B when CFG), the text encoders (prompts and, unless zeroed, negatives)."""
+  task, config = ours.task, ours.config
+  b = config.train.batch_size
+  nets = task.networks_over(ours.teacher)
+  student = ours.state.student_params
+  inputs = ours.device_inputs(0)
+  cond, _ = jax.eval_shape(task.conditioning, ours.conditioner, inputs)
+  x = jax.ShapeDtypeStruct((b,) + tuple(task.sample_shape), jnp.float32)
+  t = jax.ShapeDtypeStruct((b,), jnp.int32)
+  extra = {"num_steps": jnp.full((b,), 4, jnp.int32)} if ours.cfg.step_choices else {}
+  count = lambda fn, *args: flops.compiled_flops(jax.jit(fn).lower(*args).compile())["flops"]
+  with jax.set_mesh(ours.mesh):
+    out = {
+        "teacher forward": count(lambda p, x, t, c: task.apply(p, x, t, c), ours.teacher, x, t, cond),
+        "student forward": count(lambda s, x, t, c: nets.student(s, x, t, c, **extra), student, x, t, cond),
+        "student forward + backward": count(jax.grad(lambda s, x, t, c: jnp.sum(
+            nets.student(s, x, t, c, **extra).astype(jnp.float32) ** 2)), student, x, t, cond),
+        "text encoders": count(task.conditioning, ours.conditioner, inputs),
+    }
+    if ours.cfg.guidance_scale != 1.0:
+      x2 = jax.ShapeDtypeStruct((2 * b,) + tuple(task.sample_shape), jnp.float32)
+      t2 = jax.ShapeDtypeStruct((2 * b,), jnp.int32)
+      cond2 = jax.tree.map(lambda a: jax.ShapeDtypeStruct((2 * a.shape[0],) + a.shape[1:], a.dtype), cond)
+      out["guided teacher"] = count(lambda p, x, t, c: task.apply(p, x, t, c), ours.teacher, x2, t2, cond2)
+    else:
+      out["guided teacher"] = out["teacher forward"]
+  return out
+
+
+def flop_report(ours: Ours, k: int) -> list:
+  """Lines: the compiled step's FLOPs in teacher forwards, the sum of its parts, the textbook count."""
+  step = flops.compiled_flops(ours.compiled)
+  parts = part_flops(ours)
+  f = parts["teacher forward"]
+  # rollout K forwards; fake: fwd+bwd; generator: student fwd+bwd, guided teacher, fake fwd; text encoders
+  summed = (k * parts["student forward"] + 2 * parts["student forward + backward"] + parts["guided teacher"]
+            + parts["student forward"] + parts["text encoders"])
+  lora, remat = bool(ours.config.model.lora_rank), bool(ours.config.model.remat)
+  backward = (1 if lora else 2) + (1 if remat else 0)
+  textbook = k + 2 * (1 + backward) + (1 if ours.cfg.guidance_scale == 1.0 else 2) + 1
+  lines = [f"FLOPs per iteration (matmul + conv, batch {ours.config.train.batch_size}; the unified step's rollout "
+           f"counted at its largest K = {k}):",
+           f"  compiled step: {step['flops'] / 1e12:.4g} TFLOP = {step['flops'] / f:.2f} teacher forwards "
+           f"(XLA's cost analysis, loops once: {step['xla_flops'] / 1e12:.4g} TFLOP = {step['xla_flops'] / f:.2f}; "
+           f"loops without a known trip count: {int(step['unknown_trip_loops'])})"]
+  lines += [f"  part: {name}: {v / 1e12:.4g} TFLOP = {v / f:.3f} teacher forwards" for name, v in parts.items()]
+  lines += [f"  sum of the parts (K fwd + 2 fwd/bwd + guided teacher + fake fwd + text): {summed / f:.2f} teacher "
+            f"forwards; step / parts = {step['flops'] / summed:.3f}",
+            f"  textbook count (K={k}, {'LoRA' if lora else 'full'} backward = {backward} forwards"
+            f"{' with remat' if remat else ''}, CFG {'off' if ours.cfg.guidance_scale == 1.0 else 'on'}): "
+            f"{textbook} teacher forwards; step / textbook = {step['flops'] / f / textbook:.3f}"]
+  return lines, step["flops"]
+
+
+def main(_):
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count() or 1)
+  size = _SIZE.value
+  config = row_config(size, _BATCH.value)
+  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="tdm_iteration_")
+  reference_only = size != "shapes"
+  ours = Ours(config, workdir)
+  print(f"[{size}] batch {config.train.batch_size}, sample {tuple(ours.task.sample_shape)}, "
+        f"K in {ours.cfg.all_step_counts}, CFG {ours.cfg.guidance_scale}, LoRA rank {config.model.lora_rank}, "
+        f"dtype {config.model.dtype}; jax {jax.__version__} on {jax.devices()[0].device_kind}, torch "
+        f"{torch.__version__} with {torch.get_num_threads()} threads")
+  print(f"our step: traced in {ours.compile_times['trace_s']:.1f} s, compiled in {ours.compile_times['compile_s']:.1f} s")
+  n, reps = _ITERATIONS.value, _REPEATS.value
+  flop_lines, step_flops = flop_report(ours, max(ours.cfg.all_step_counts)) if _FLOPS.value else ([], None)
+  ours.run(0)  # warm-up (first call's allocations); every side starts each repetition at a new step
+  modes = list(_TORCH.value)
+  results = {"ours": [], **{mode: [] for mode in modes}}
+  schedule = [list(range(1 + r * n, 1 + (r + 1) * n)) for r in range(reps)]
+  ks = [[ours.num_steps(s) for s in steps] for steps in schedule]
+  generator = torch.Generator().manual_seed(0)
+  if reference_only:  # one side at a time: ours, freed, then theirs
+    for steps in schedule:
+      results["ours"].append(time_ours(ours, steps))
+    del ours.state, ours.compiled
+    gc.collect()
+    keep = ours
+    for mode in modes:
+      model = theirs(config, keep, mode, True)
+      time_theirs(model, keep, [0], generator)  # warm-up (and compilation)
+      results[mode] += [time_theirs(model, keep, steps, generator) for steps in schedule]
+      del model
+      gc.collect()
+  else:
+    models = {mode: theirs(config, ours, mode, False) for mode in modes}
+    for mode, model in models.items():
+      began = time.perf_counter()
+      time_theirs(model, ours, [0], generator)
+      print(f"torch {mode}: first iteration (warm-up{', compilation' if mode == 'compile' else ''}) "
+            f"{time.perf_counter() - began:.1f} s")
+    for steps in schedule:
+      results["ours"].append(time_ours(ours, steps))
+      for mode, model in models.items():
+        results[mode].append(time_theirs(model, ours, steps, generator))
+  print(f"K per iteration, by repetition: {ks}")
+  b = config.train.batch_size
+  ms = {name: 1000 * statistics.median(v) for name, v in results.items()}
+  print(f"| implementation | ms / iteration (median of {reps} x {n}) | samples / s | ours faster by |")
+  print("|---|---|---|---|")
+  for name, v in ms.items():
+    label = "ours (JAX, jitted)" if name == "ours" else f"PyTorch {name}"
+    print(f"| {label} | {v:.1f} | {1000 * b / v:.2f} | {v / ms['ours']:.2f}x |")
+  for line in flop_lines:
+    print(line)
+  if step_flops and _PEAK.value > 0:
+    print(f"MFU at the largest K (the measured mean iteration mixes Ks): "
+          f"{step_flops / (ms['ours'] / 1000) / (_PEAK.value * 1e12):.1%} of {_PEAK.value} TFLOP/s")
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.WARNING)
+  app.run(main)
