@@ -33,8 +33,9 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from tdm_jax import diffusers_task, flops, rng, sharding, tdm, train  # pylint: disable=wrong-import-position
+from rows import SIZES, row_config  # pylint: disable=wrong-import-position
 
-_SIZE = flags.DEFINE_enum("size", "shapes", ["shapes", "sdxl256", "sdxl1024"], "Which row.")
+_SIZE = flags.DEFINE_enum("size", "shapes", SIZES, "Which row (rows.py).")
 _TORCH = flags.DEFINE_list("torch", ["eager", "compile"], "PyTorch modes: eager, compile.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Alternating repetitions (shapes).")
 _ITERATIONS = flags.DEFINE_integer("iterations", 4, "Iterations per repetition.")
@@ -43,23 +44,6 @@ _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "The device's peak TFLOP/s in the
                            "(H100 SXM bf16 dense: 989); 0: no MFU.")
 _FLOPS = flags.DEFINE_bool("flops", True, "Count FLOPs of the step and of its parts.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Where the shapes teacher is converted (default: a temp dir).")
-
-
-def row_config(size: str, batch_size: int = 0):
-  """The run config of a row: configs/shapes.py, or configs/sdxl.py shape-only at 256 / 1024 px, batch 1."""
-  if size == "shapes":
-    from configs import shapes  # pylint: disable=g-import-not-at-top
-    config = shapes.get_config()
-  else:
-    from configs import sdxl  # pylint: disable=g-import-not-at-top
-    config = sdxl.get_config()
-    config.model.resolution = 256 if size == "sdxl256" else 1024
-    config.train.batch_size = 1
-    config.mesh.shape = (1, 1, 1)
-  if batch_size:
-    config.train.batch_size = batch_size
-  config.train.progress = False
-  return config
 
 
 class Ours:
