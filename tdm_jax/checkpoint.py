@@ -1,7 +1,10 @@
 """Checkpoints through orbax: atomic saves every N iterations, keep M, resume from the latest.
 
 Orbax writes each step to a temporary folder and renames it when complete, so a crash in the
-middle of a save leaves the previous checkpoint as the latest. A checkpoint that exists but
+middle of a save leaves the previous checkpoint as the latest. With `async_save` a save returns
+once the arrays are copied to host memory (the caller may then donate or overwrite them) and the
+writing, the metadata and the rename finish in a background thread; anything that reads the
+folder, the next save and `close` wait for it first. A checkpoint that exists but
 cannot be read is never skipped or replaced by a fresh initialisation: the run stops and says
 which step and folder are broken and how to go on.
 """
@@ -49,7 +52,8 @@ class Checkpointer:
   def __init__(self, directory: str, *, save_every: int = 0, keep: int = 3, async_save: bool = False,
                process_local: bool = False):
     """process_local: this process alone reads or writes (host trees, e.g. process 0 converting or
-    exporting while the others wait); by default every process of the job takes part."""
+    exporting while the others wait); by default every process of the job takes part.
+    async_save: `save` returns before the checkpoint is on disk (see the module's docstring)."""
     self.directory = os.path.abspath(directory)
     here = jax.process_index()
     local = process_local and jax.process_count() > 1
@@ -70,10 +74,13 @@ class Checkpointer:
 
   @property
   def latest_step(self) -> Optional[int]:
+    """The latest complete checkpoint (waiting for a save in flight, which orbax already counts)."""
+    self.wait()
     return self._manager.latest_step()
 
   @property
   def all_steps(self) -> list:
+    self.wait()
     return sorted(self._manager.all_steps())
 
   def should_save(self, step: int) -> bool:
@@ -81,13 +88,16 @@ class Checkpointer:
 
   def save(self, step: int, tree: PyTree, metadata: Optional[dict] = None) -> None:
     """Saves `tree` as `step` (atomically; a step already on disk is left as it is), with `metadata`
-    (JSON, e.g. the data's position) committed in the same step."""
+    (JSON, e.g. the data's position) committed in the same step. Waits for a save in flight first;
+    with `async_save` returns once `tree` is copied to the host, before it is on disk."""
+    self.wait()
     if step in self._manager.all_steps():
       return
     self._manager.save(step, args=ocp.args.StandardSave(tree), force=True, custom_metadata=metadata or {})
 
   def metadata(self, step: int) -> dict:
     """The `metadata` saved with `step` ({} when none)."""
+    self.wait()
     try:
       return dict(self._manager.metadata(step).custom_metadata or {})
     except Exception as err:  # orbax raises many kinds; all mean the metadata is unusable.
@@ -96,6 +106,7 @@ class Checkpointer:
 
   def restore(self, step: int, abstract: PyTree) -> PyTree:
     """Restores `step` into the structure, shapes, dtypes and shardings of `abstract`."""
+    self.wait()
     path = self.path(step)
     previous = [s for s in self.all_steps if s < step]
     fix = (f"delete {path} to resume from step {previous[-1]}" if previous
@@ -122,6 +133,7 @@ class Checkpointer:
 
     sharding: one sharding for every array, or a function (path, shape) -> sharding per array.
     """
+    self.wait()
     try:
       tree = self._manager.item_metadata(step).tree
     except Exception as err:  # orbax raises many kinds; all mean the metadata is unusable.
@@ -139,6 +151,7 @@ class Checkpointer:
     return step, self.restore(step, abstract)
 
   def wait(self) -> None:
+    """Returns once no save is in flight (raising its error, if it failed)."""
     self._manager.wait_until_finished()
 
   def close(self) -> None:

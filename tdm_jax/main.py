@@ -143,6 +143,7 @@ def main(argv):
     elif _COORDINATOR.value or _NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None:
       raise ConfigError("--coordinator_address, --num_processes and --process_id take effect only with "
                         "--jax_distributed; add it")
+    train.use_compilation_cache(_CONFIG.value.compilation_cache)  # before anything compiles, in every mode
     logging.info("config:\n%s", _CONFIG.value)
     prompts = list(_PROMPT.value) + (data.read_prompts(_PROMPT_FILE.value) if _PROMPT_FILE.value else [])
     run(_CONFIG.value, _WORKDIR.value, _MODE.value, prompts)

@@ -13,8 +13,11 @@ the state (student, fake score, their optimiser states) is donated to it. One fu
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import glob
+import numbers
 import os
 import time
 from typing import Any, Callable, NamedTuple, Optional
@@ -105,19 +108,102 @@ class Task:
 
 
 def _host_scalars(metrics) -> dict:
+  """The step's metrics on the host: a sync with the device, so the loop calls it only at log and
+  checkpoint steps and at the last step."""
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def _check_finite(step: int, scalars: dict, checkpointer: Checkpointer) -> None:
+def _check_finite(step: int, scalars: dict, checkpointer: Checkpointer, every: Optional[int] = None) -> None:
   bad = {k: v for k, v in scalars.items() if not np.isfinite(v)}
   if not bad:
     return
+  checkpointer.wait()  # an asynchronous save in flight is the last good checkpoint once it completes
   last = checkpointer.latest_step
   where = (f"the last good checkpoint is step {last} at {checkpointer.path(last)}" if last is not None
            else "no checkpoint was written yet")
+  seen = (f" (metrics are checked every train.log_every={every} iterations and before each checkpoint, "
+          f"so it may have begun earlier)" if every and every > 1 else "")
   raise NonFiniteLossError(
-      f"non-finite values at iteration {step}: {bad}; training stopped and {where}. Lower the "
+      f"non-finite values at iteration {step}: {bad}{seen}; training stopped and {where}. Lower the "
       f"learning rates (optim.*_lr), check the teacher's outputs, or enable gradient clipping")
+
+
+def use_compilation_cache(path: str) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache in `path` (config.compilation_cache; "" leaves it off).
+
+  Must run before anything compiles: JAX reads the setting once, at the first compilation. Every
+  program is cached, however small or fast to compile (the thresholds are 0), so a later process
+  with the same programs, devices and JAX version loads them instead of compiling. Returns the
+  directory (None when off)."""
+  if not path:
+    return None
+  if not isinstance(path, str):
+    raise ConfigError(f"compilation_cache={path!r} must be a folder path (or \"\" for no cache)")
+  if "://" not in path:  # a local folder; JAX also takes gs:// and other epath URLs as they are
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+      os.makedirs(path, exist_ok=True)
+    except OSError as err:
+      raise ConfigError(f"compilation_cache={path} cannot be created ({type(err).__name__}: {err}); "
+                        f"give a writable folder or \"\" for no cache") from err
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  logging.warning("persistent compilation cache in %s", path)
+  return path
+
+
+def profile_window(tc) -> Optional[tuple[int, int]]:
+  """(first, count) of `train.profile_steps`, validated; None when empty (no trace)."""
+  value = tuple(tc.profile_steps)
+  if not value:
+    return None
+  integers = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)
+  if len(value) != 2 or not integers or value[0] < 0 or value[1] < 1:
+    raise ConfigError(f"train.profile_steps={value!r} must be (first_step, count) with first_step >= 0 and "
+                      f"count >= 1, e.g. --config.train.profile_steps=(10,5); () for no trace")
+  first, count = int(value[0]), int(value[1])
+  if first >= tc.num_iterations:
+    raise ConfigError(f"train.profile_steps={value!r} starts at iteration {first}, at or past "
+                      f"train.num_iterations={tc.num_iterations}; choose a first_step below it")
+  return first, count
+
+
+class _Profiler:
+  """A profiler window over iterations [first, first + count) (the state's step before each), traced on
+  the primary process into `directory` (TensorBoard's profile plugin and Perfetto read it)."""
+
+  def __init__(self, window: Optional[tuple[int, int]], directory: str):
+    self.window, self.directory, self.active = window, directory, False
+    self.enabled = window is not None and distributed.is_primary()
+
+  def before(self, step: int) -> None:
+    if self.enabled and not self.active and self.window[0] <= step < sum(self.window):
+      options = jax.profiler.ProfileOptions()
+      # No Python tracer: it sets a profile function on every Python thread, and one of our runs with
+      # it on died in _PyEval_SetProfile (a segfault) while checkpoint threads came and went. The
+      # host (TraceMe) and device traces remain.
+      options.python_tracer_level = 0
+      jax.profiler.start_trace(self.directory, create_perfetto_trace=True, profiler_options=options)
+      self.active, self.began = True, step
+      self.enabled = False  # one window per run
+
+  def after(self, done: int, state) -> None:
+    if self.active and done >= sum(self.window):
+      self.stop(state, done)
+
+  def stop(self, state=None, done: Optional[int] = None) -> None:
+    if not self.active:
+      return
+    self.active = False
+    if state is not None:
+      jax.block_until_ready(state)  # the trace holds the device work of the last iteration too
+    jax.profiler.stop_trace()
+    runs = sorted(glob.glob(os.path.join(self.directory, "plugins", "profile", "*")), key=os.path.getmtime)
+    where = runs[-1] if runs else self.directory
+    span = f"iterations {self.began}..{done - 1}" if done is not None else f"iterations from {self.began}"
+    logging.warning("profile of %s written to %s (tensorboard --logdir=%s, or its perfetto_trace.json.gz "
+                    "in ui.perfetto.dev)", span, where, self.directory)
 
 
 def make_train_step(task: Task, config):
@@ -264,11 +350,14 @@ def distill(task: Task, config, workdir: str, *, progress: Optional[bool] = None
   """Runs (or resumes) TDM distillation of `task` to `config.train.num_iterations`.
 
   Checkpoints go to `workdir/checkpoints` every `train.checkpoint_every` iterations and at the
-  end; metrics to `workdir/metrics.jsonl` and `workdir/tensorboard`. `devices` (default: all)
-  are the devices the mesh is made of. Returns the final state.
+  end (asynchronously with `train.async_checkpoint`; this returns once the last is complete on
+  disk); metrics to `workdir/metrics.jsonl` and `workdir/tensorboard`, fetched from the device
+  only at log and checkpoint steps and at the last step. `devices` (default: all) are the devices
+  the mesh is made of. Returns the final state.
   """
   tc = config.train
   tdm.TDMConfig.from_config(config.tdm)  # validate before any work
+  window = profile_window(tc)
   mesh = sharding.make_mesh(config.mesh.shape, devices)
   multiple = sharding.batch_size_multiple(mesh)
   if tc.batch_size % multiple:
@@ -281,7 +370,7 @@ def distill(task: Task, config, workdir: str, *, progress: Optional[bool] = None
       f.write(config.to_json_best_effort(indent=2))
 
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tc.checkpoint_every,
-                              keep=tc.keep_checkpoints)
+                              keep=tc.keep_checkpoints, async_save=bool(tc.async_checkpoint))
   writer = MetricsWriter(workdir, tensorboard=tc.tensorboard)
   show = tc.progress if progress is None else progress
   try:
@@ -305,27 +394,56 @@ def distill(task: Task, config, workdir: str, *, progress: Optional[bool] = None
                                                      rows)
       first = inputs_at(start)
       compiled, _ = compile_step(make_train_step(task, config), p, state, teacher_params, conditioner, first)
-      bar = tqdm.tqdm(total=tc.num_iterations, initial=start, desc="tdm", unit="it", dynamic_ncols=True,
-                      disable=not show or not distributed.is_primary())
-      try:
-        for step in range(start, tc.num_iterations):
-          inputs = first if step == start else inputs_at(step)
-          state, metrics = compiled(state, teacher_params, conditioner, inputs)
-          scalars = _host_scalars(metrics)
-          _check_finite(step + 1, scalars, checkpointer)
-          done = step + 1
-          if done % tc.log_every == 0 or done == tc.num_iterations:
-            writer.write(done, scalars)
-          bar.set_postfix(fake=f"{scalars['fake_loss']:.4g}", gen=f"{scalars['generator_loss']:.4g}", refresh=False)
-          bar.update(1)
-          if checkpointer.should_save(done) or done == tc.num_iterations:
-            position = task.source.state(done, len(rows)) if task.source is not None else None
-            checkpointer.save(done, state, metadata={"data": position} if position else None)
-      finally:
-        bar.close()
+      state = _iterate(task, tc, compiled, state, teacher_params, conditioner, first, inputs_at, start, len(rows),
+                       checkpointer, writer, _Profiler(window, os.path.join(workdir, "profile")), show)
+      checkpointer.wait()  # the last checkpoint is complete on disk before this returns
   finally:
     writer.close()
     checkpointer.close()
+  return state
+
+
+def _iterate(task: Task, tc, compiled, state, teacher_params, conditioner, first, inputs_at, start: int,
+             num_rows: int, checkpointer: Checkpointer, writer: MetricsWriter, profiler: "_Profiler", show: bool):
+  """Iterations `start`..num_iterations-1 of the compiled step, dispatched without waiting for the device:
+  the host fetches metrics (and so waits) only at log and checkpoint steps and at the last step, while
+  one background thread builds the next iteration's batch (a pure function of its step)."""
+  bar = tqdm.tqdm(total=tc.num_iterations, initial=start, desc="tdm", unit="it", dynamic_ncols=True,
+                  disable=not show or not distributed.is_primary())
+  prefetch = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tdm_batches")
+  upcoming = None
+  # iterations per second between log steps; the clock starts after compilation, at the first iteration
+  logged, clock = start, time.perf_counter()
+  try:
+    for step in range(start, tc.num_iterations):
+      inputs = first if step == start else upcoming.result()  # the thread's error, as it was raised there
+      first = None
+      upcoming = prefetch.submit(inputs_at, step + 1) if step + 1 < tc.num_iterations else None
+      profiler.before(step)
+      state, metrics = compiled(state, teacher_params, conditioner, inputs)
+      done = step + 1
+      profiler.after(done, state)
+      last = done == tc.num_iterations
+      log = done % tc.log_every == 0 or last
+      save = checkpointer.should_save(done) or last
+      if log or save:  # checked before every save: no checkpoint holds a NaN run
+        scalars = _host_scalars(metrics)
+        _check_finite(done, scalars, checkpointer, tc.log_every)
+        bar.set_postfix(fake=f"{scalars['fake_loss']:.4g}", gen=f"{scalars['generator_loss']:.4g}", refresh=False)
+        if log:
+          now = time.perf_counter()
+          scalars["iterations_per_s"] = (done - logged) / max(now - clock, 1e-9)
+          logged, clock = done, now
+          writer.write(done, scalars)
+      bar.update(1)
+      if save:
+        position = task.source.state(done, num_rows) if task.source is not None else None
+        checkpointer.save(done, state, metadata={"data": position} if position else None)
+    profiler.stop(state, tc.num_iterations)
+  finally:
+    prefetch.shutdown(wait=True, cancel_futures=True)
+    profiler.stop()
+    bar.close()
   return state
 
 

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -27,6 +28,13 @@ def _task(config, teacher_dir, workdir):
 
 def _leaves(state):
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
+
+
+TIMING_KEYS = ("iterations_per_s",)  # measured, never bitwise
+
+
+def _untimed(records):
+  return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
 
 
 def test_iterations_compile_once(toy_config, toy_teacher_dir, tmp_path, monkeypatch):
@@ -71,7 +79,8 @@ def test_metrics_written_and_truncated_on_resume(toy_config, toy_teacher_dir, tm
   train.distill(task, toy_config, workdir)
   again = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   assert [r["step"] for r in again] == list(range(1, 9))
-  assert again == records  # the resumed run repeats the draws exactly
+  assert all(r["iterations_per_s"] > 0 for r in again)
+  assert _untimed(again) == _untimed(records)  # the resumed run repeats the draws exactly
 
 
 def test_corrupt_checkpoint_is_an_error_naming_step_and_path(toy_config, toy_teacher_dir, tmp_path):
@@ -162,6 +171,118 @@ def test_state_programs_equal_one_init_and_leave_the_teacher_alone(toy_config, t
     np.testing.assert_array_equal(a, b)
 
 
+def test_metrics_fetched_only_at_log_checkpoint_and_last_steps(toy_config, toy_teacher_dir, tmp_path, monkeypatch):
+  fetches, checked = [], []
+  host_scalars, check_finite = train._host_scalars, train._check_finite
+  monkeypatch.setattr(train, "_host_scalars", lambda m: fetches.append(1) or host_scalars(m))
+  monkeypatch.setattr(train, "_check_finite", lambda step, *a, **k: checked.append(step) or check_finite(step, *a, **k))
+  toy_config.train.log_every = 3
+  toy_config.train.checkpoint_every = 4
+  workdir = str(tmp_path / "run")
+  train.distill(_task(toy_config, toy_teacher_dir, workdir), toy_config, workdir)
+  assert checked == [3, 4, 6, 8] and len(fetches) == 4  # log steps, checkpoint steps, the last step
+  records = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  assert [r["step"] for r in records] == [3, 6, 8]
+  assert all(r["iterations_per_s"] > 0 for r in records)
+
+
+def test_nan_between_log_steps_stops_before_the_next_checkpoint(toy_config, toy_teacher_dir, tmp_path):
+  """Metrics are fetched before every save: a NaN run is never checkpointed, however rare the log steps."""
+  workdir = str(tmp_path / "run")
+  task = _task(toy_config, toy_teacher_dir, workdir)
+  toy_config.train.log_every = 100
+  toy_config.train.num_iterations = 4
+  train.distill(task, toy_config, workdir)
+  poisoned = task.__class__(**{**task.__dict__,
+                               "teacher_params": jax.tree.map(lambda x: x * jnp.nan, task.teacher_params)})
+  toy_config.train.num_iterations = 12
+  with pytest.raises(train.NonFiniteLossError, match=r"iteration 8: .*log_every=100.*step 4 at .*checkpoints/4"):
+    train.distill(poisoned, toy_config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]  # no NaN step, no temporary folder
+
+
+def test_async_checkpoints_equal_synchronous_ones_and_are_complete_on_return(toy_config, toy_teacher_dir, tmp_path):
+  """Asynchronous saves (the default, which the resume tests above and below also run with) give the
+  synchronous run's checkpoints and metrics bitwise; the run returns with every one complete on disk."""
+  runs = {}
+  for name, use_async in (("sync", False), ("async", True)):
+    toy_config.train.async_checkpoint = use_async
+    workdir = str(tmp_path / name)
+    task = _task(toy_config, toy_teacher_dir, workdir)
+    runs[name] = workdir, train.distill(task, toy_config, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]  # no temporary folder
+  assert all(np.array_equal(a, b) for a, b in zip(_leaves(runs["sync"][1]), _leaves(runs["async"][1])))
+  for step in (4, 8):
+    a = _leaves(train.restore_state(task, toy_config, runs["sync"][0], step))
+    b = _leaves(train.restore_state(task, toy_config, runs["async"][0], step))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+  read = lambda name: _untimed(metrics.read_jsonl(os.path.join(runs[name][0], "metrics.jsonl")))
+  assert read("async") == read("sync")
+
+
+def test_async_save_keeps_metadata(tmp_path):
+  directory = str(tmp_path / "checkpoints")
+  saver = checkpoint.Checkpointer(directory, async_save=True)
+  tree = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(5)}
+  saver.save(5, tree, metadata={"data": {"position": 40}})
+  assert saver.metadata(5) == {"data": {"position": 40}}  # waits for the save in flight
+  saver.save(6, jax.tree.map(lambda x: x + 1, tree), metadata={"data": {"position": 48}})
+  saver.close()
+  reader = checkpoint.Checkpointer(directory)
+  try:
+    assert reader.all_steps == [5, 6]
+    assert reader.metadata(6) == {"data": {"position": 48}}
+    restored = reader.restore(6, jax.eval_shape(lambda: tree))
+    np.testing.assert_array_equal(restored["w"], np.arange(6.0).reshape(2, 3) + 1)
+  finally:
+    reader.close()
+
+
+def test_next_batch_is_built_in_a_thread_whose_errors_surface(toy_config, toy_teacher_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  task = _task(toy_config, toy_teacher_dir, workdir)
+  built = []
+
+  def batch(step, batch_size):
+    built.append((step, threading.current_thread().name))
+    if step == 6 and fail:
+      raise ValueError("no prompts left for iteration 6")
+    return task.batch(step, batch_size)
+
+  fail = False
+  toy_config.train.checkpoint_every = 0
+  toy_config.train.num_iterations = 4
+  train.distill(task.__class__(**{**task.__dict__, "batch": batch}), toy_config, workdir)
+  assert [step for step, _ in built] == [0, 1, 2, 3]
+  assert built[0][1] == threading.current_thread().name  # the first batch, needed to compile
+  assert all(name.startswith("tdm_batches") for _, name in built[1:])
+  fail = True
+  toy_config.train.num_iterations = 8
+  with pytest.raises(ValueError, match="no prompts left for iteration 6"):
+    train.distill(task.__class__(**{**task.__dict__, "batch": batch}), toy_config, str(tmp_path / "failing"))
+  assert not [t for t in threading.enumerate() if t.name.startswith("tdm_batches")]  # the thread is gone
+
+
+def test_profile_steps_write_a_trace(toy_config, toy_teacher_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  toy_config.train.profile_steps = (2, 2)
+  toy_config.train.checkpoint_every = 0
+  toy_config.train.num_iterations = 5
+  train.distill(_task(toy_config, toy_teacher_dir, workdir), toy_config, workdir)
+  runs = glob.glob(os.path.join(workdir, "profile", "plugins", "profile", "*"))
+  assert len(runs) == 1
+  assert glob.glob(os.path.join(runs[0], "*.xplane.pb"))
+  assert os.path.isfile(os.path.join(runs[0], "perfetto_trace.json.gz"))
+
+
+@pytest.mark.parametrize("value", [(3,), (-1, 2), (2, 0), (8, 1), (1.5, 2), (1, 2, 3)])
+def test_bad_profile_steps_is_a_config_error(toy_config, tmp_path, value):
+  toy_config.train.profile_steps = value
+  with pytest.raises(train.ConfigError, match=r"train\.profile_steps="):
+    train.distill(None, toy_config, str(tmp_path / "run"))  # before any work: the task is never read
+  assert not os.path.exists(tmp_path / "run")
+
+
 # --- the command line, in subprocesses -------------------------------------------------------------
 
 _TINY_FLAGS = [
@@ -242,3 +363,20 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, case):
   assert last.startswith("error: ") and message in last, last
   verbose = _main(workdir, *flags, "--verbosity=1", env=env, base=base)
   assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+
+
+def test_compilation_cache_is_written_then_read(toy_teacher_dir, tmp_path):
+  """config.compilation_cache: the first process writes the compiled step into the folder; a second
+  one with the same programs finds every one there (it adds no entry)."""
+  cache = tmp_path / "cache"
+  flags = ["--config.train.num_iterations=2", "--config.train.checkpoint_every=0",
+           f"--config.compilation_cache={cache}"]
+  entries = []
+  for name in ("cold", "warm"):
+    shutil.copytree(os.path.join(toy_teacher_dir, "teacher"), tmp_path / name / "teacher")
+    result = _main(str(tmp_path / name), *flags, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"persistent compilation cache in {cache}" in result.stderr
+    entries.append(sorted(os.listdir(cache)))
+  assert [e for e in entries[0] if e.startswith("jit_train_step-")]
+  assert entries[1] == entries[0]
