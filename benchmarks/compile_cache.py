@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from rows import SIZES, row_config  # pylint: disable=wrong-import-position
 
 _SIZE = flags.DEFINE_enum("size", "sdxl256", SIZES, "Which row (rows.py).")
+_CACHE = flags.DEFINE_string("cache_dir", "", "An empty folder for the cache (default: a new temporary one).")
 _CHILD = flags.DEFINE_string("child", "", "Internal: compile once with this cache folder, print JSON.")
 
 
@@ -54,7 +55,9 @@ def main(_):
   if _CHILD.value:
     print("RESULT " + json.dumps(compile_once(_SIZE.value, _CHILD.value)))
     return
-  cache = tempfile.mkdtemp(prefix="tdm_compile_cache_")
+  cache = _CACHE.value or tempfile.mkdtemp(prefix="tdm_compile_cache_")
+  if os.path.isdir(cache) and os.listdir(cache):
+    raise SystemExit(f"--cache_dir={cache} is not empty: the cold compile needs an empty cache")
   results = []
   for run in ("cold", "warm"):
     began = time.perf_counter()

@@ -43,6 +43,10 @@ _BATCH = flags.DEFINE_integer("batch_size", 0, "Override the row's batch size.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "The device's peak TFLOP/s in the compute dtype, for MFU "
                            "(H100 SXM bf16 dense: 989); 0: no MFU.")
 _FLOPS = flags.DEFINE_bool("flops", True, "Count FLOPs of the step and of its parts.")
+_DEVICES = flags.DEFINE_integer("devices", 1, "Our side's devices, as a data-parallel mesh (N, 1, 1); on CPU, "
+                                "with XLA_FLAGS=--xla_force_host_platform_device_count=N, one per core.")
+_CACHE = flags.DEFINE_string("compilation_cache", "", "config.compilation_cache for our side (e.g. the folder "
+                              "compile_cache.py filled, so the SDXL step loads instead of compiling).")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Where the shapes teacher is converted (default: a temp dir).")
 
 
@@ -53,7 +57,7 @@ class Ours:
     devices = devices or jax.devices()[:1]
     self.config = config
     self.task = diffusers_task.build_task(config, workdir, devices=devices)
-    self.mesh = sharding.make_mesh((1, 1, 1), devices)
+    self.mesh = sharding.make_mesh((len(devices), 1, 1), devices)
     with jax.set_mesh(self.mesh):
       self.plan = train.plan(self.task, config, self.mesh)
       self.teacher = jax.device_put(self.task.teacher_params, self.plan.teacher)
@@ -190,12 +194,17 @@ def main(_):
   torch.set_num_threads(os.cpu_count() or 1)
   size = _SIZE.value
   config = row_config(size, _BATCH.value)
+  config.compilation_cache = _CACHE.value
+  train.use_compilation_cache(config.compilation_cache)
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="tdm_iteration_")
   reference_only = size != "shapes"
-  ours = Ours(config, workdir)
+  if _DEVICES.value > len(jax.devices()):
+    raise SystemExit(f"--devices={_DEVICES.value}: JAX sees {len(jax.devices())}; on CPU set "
+                     f"XLA_FLAGS=--xla_force_host_platform_device_count={_DEVICES.value}")
+  ours = Ours(config, workdir, jax.devices()[:_DEVICES.value])
   print(f"[{size}] batch {config.train.batch_size}, sample {tuple(ours.task.sample_shape)}, "
         f"K in {ours.cfg.all_step_counts}, CFG {ours.cfg.guidance_scale}, LoRA rank {config.model.lora_rank}, "
-        f"dtype {config.model.dtype}; jax {jax.__version__} on {jax.devices()[0].device_kind}, torch "
+        f"dtype {config.model.dtype}; jax {jax.__version__} on {_DEVICES.value} {jax.devices()[0].device_kind} device(s), torch "
         f"{torch.__version__} with {torch.get_num_threads()} threads")
   print(f"our step: traced in {ours.compile_times['trace_s']:.1f} s, compiled in {ours.compile_times['compile_s']:.1f} s")
   n, reps = _ITERATIONS.value, _REPEATS.value
