@@ -19,6 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   # JAX's persistent compilation cache: a folder (local, or a gs:// URL) where every compiled program is
   # kept, so that a later run with the same programs, devices and JAX version loads them instead of
   # compiling (its "compiled in" time drops); "" leaves it off. Set once at start, for every mode.
+  # On XLA:CPU the SDXL step's 21 MB entry took longer to load than to compile (benchmarks/README.md).
   config.compilation_cache = ""
 
   # The teacher's noise schedule, in Diffusers' scheduler_config.json terms.
