@@ -1,4 +1,13 @@
-"""The benchmark rows of issue 11 as run configs, shared by iteration.py, sampling.py and compile_cache.py."""
+"""The benchmark rows of issue 11 as run configs, and our step on one of them (`Ours`), shared by
+iteration.py, sampling.py, compile_cache.py and tests/test_torch_iteration.py (no absl flags here, so
+tests can import it beside tdm_jax.main)."""
+
+import gc
+
+import jax
+import numpy as np
+
+from tdm_jax import diffusers_task, rng, sharding, tdm, train
 
 SIZES = ("shapes", "sdxl256", "sdxl1024")
 
@@ -21,3 +30,51 @@ def row_config(size: str, batch_size: int = 0):
     config.train.batch_size = batch_size
   config.train.progress = False
   return config
+
+
+class Ours:
+  """Our compiled TDM step on one device, run iteration by iteration from a fresh state."""
+
+  def __init__(self, config, workdir: str, devices=None):
+    devices = devices or jax.devices()[:1]
+    self.config = config
+    self.task = diffusers_task.build_task(config, workdir, devices=devices)
+    self.mesh = sharding.make_mesh((len(devices), 1, 1), devices)
+    with jax.set_mesh(self.mesh):
+      self.plan = train.plan(self.task, config, self.mesh)
+      self.teacher = jax.device_put(self.task.teacher_params, self.plan.teacher)
+      self.conditioner = jax.device_put(self.task.conditioner, self.plan.conditioner)
+      self.state = train.initial_state(self.task, config, self.plan, self.teacher)
+      self.compiled, self.compile_times = train.compile_step(train.make_train_step(self.task, config), self.plan,
+                                                             self.state, self.teacher, self.conditioner,
+                                                             self.inputs(0))
+    self.cfg = tdm.TDMConfig.from_config(config.tdm)
+    self.step = 0
+
+  def inputs(self, step: int):
+    return self.task.batch(step, self.config.train.batch_size)
+
+  def device_inputs(self, step: int):
+    b = self.config.train.batch_size
+    return sharding.global_batch(self.inputs(step), self.mesh, b, np.arange(b))
+
+  def num_steps(self, step: int) -> int:
+    if not self.cfg.step_choices:
+      return self.cfg.num_student_steps
+    return int(tdm.draw_step_count(self.cfg, rng.iteration_key(self.config.seed, step)))
+
+  def release(self) -> None:
+    """Frees our state, executables and frozen weights (the SDXL rows run theirs after ours, in one process)."""
+    import ctypes  # pylint: disable=g-import-not-at-top
+    import dataclasses  # pylint: disable=g-import-not-at-top
+    del self.state, self.compiled, self.teacher, self.conditioner
+    self.task = dataclasses.replace(self.task, teacher_params=None, conditioner=None)
+    gc.collect()
+    jax.clear_caches()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the freed heap back before torch allocates its copy
+
+  def run(self, step: int):
+    """One iteration at `step` (the state carries on from whatever ran before); returns host metrics."""
+    with jax.set_mesh(self.mesh):
+      self.state, metrics = self.compiled(self.state, self.teacher, self.conditioner, self.device_inputs(step))
+      return {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import flax  # noqa: E402
 
-import iteration  # noqa: E402
+import rows  # noqa: E402
 import tiny_pipeline  # noqa: E402
 import torch_iteration  # noqa: E402
 
@@ -41,7 +41,7 @@ def test_torch_iteration_computes_ours(tmp_path, lora_rank):
   config.optim.student_lr = config.optim.fake_lr = 1e-3
   config.optim.eps = 1e-4  # Adam divides by |g| + eps: keep near-zero gradients' steps continuous in g
   torch.manual_seed(0)
-  ours = iteration.Ours(config, str(tmp_path / "work"))
+  ours = rows.Ours(config, str(tmp_path / "work"))
   frozen = torch_iteration.load_frozen(str(folder), torch.float32)
   theirs = torch_iteration.TorchTDM(config, frozen, ours.task.schedule, resolution=16)
   theirs.load_trainable("student", ours.state.student_params)
