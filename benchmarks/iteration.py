@@ -30,9 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
 
-from tdm_jax import diffusers_task, flops, rng, sharding, tdm, train  # pylint: disable=wrong-import-position
+from tdm_jax import diffusers_task, flops, train  # pylint: disable=wrong-import-position
 from rows import SIZES, Ours, row_config  # pylint: disable=wrong-import-position
 
 _SIZE = flags.DEFINE_enum("size", "shapes", SIZES, "Which row (rows.py).")

@@ -55,7 +55,7 @@ def summarize(events, top: int = 15) -> str:
     lines.append(f"\n[{group}] (threads of this kind summed)")
     for kind, dur in counter.most_common(top):
       lines.append(f"  {dur / 1000:10.1f} ms  {counts[group][kind]:6d} x  {kind}")
-  lines.append(f"\nlongest single events:")
+  lines.append("\nlongest single events:")
   for dur, group, name in sorted(single, reverse=True)[:top]:
     lines.append(f"  {dur / 1000:10.1f} ms  {group}: {name}")
   return "\n".join(lines)

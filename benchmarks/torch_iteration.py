@@ -23,7 +23,7 @@ import copy
 import dataclasses
 import os
 import re
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
