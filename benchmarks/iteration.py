@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
-from tdm_jax import diffusers_task, flops, train  # pylint: disable=wrong-import-position
+from tdm_jax import diffusers_task, flops, sharding, tdm, train  # pylint: disable=wrong-import-position
 from rows import SIZES, Ours, row_config  # pylint: disable=wrong-import-position
 
 _SIZE = flags.DEFINE_enum("size", "shapes", SIZES, "Which row (rows.py).")
@@ -83,42 +83,51 @@ def time_theirs(model, ours: Ours, steps, generator) -> float:
 
 # -- FLOP accounting ------------------------------------------------------------------------------
 
-def part_flops(ours: Ours) -> dict:
+def part_flops(config, devices) -> dict:
   """FLOPs of the step's parts compiled alone, at the step's batch B: the teacher's forward (B), the
   student's forward and forward + backward (its trained tree, remat as configured), the guided teacher
-  (2B when CFG), the text encoders (prompts and, unless zeroed, negatives)."""
-  task, config = ours.task, ours.config
+  (2B when CFG), the text encoders (prompts and, unless zeroed, negatives).
+
+  Compiled from shapes alone (no weights), before our step's state exists: at SDXL size these five
+  compiles beside the resident weights and step did not fit a 24 GiB machine."""
+  task = diffusers_task.build_task(config, tempfile.mkdtemp(prefix="tdm_flops_"), devices=devices,
+                                   materialize=False)
+  mesh = sharding.make_mesh((len(devices), 1, 1), devices)
+  cfg = tdm.TDMConfig.from_config(config.tdm)
   b = config.train.batch_size
-  nets = task.networks_over(ours.teacher)
-  student = ours.state.student_params
-  inputs = ours.device_inputs(0)
-  cond, _ = jax.eval_shape(task.conditioning, ours.conditioner, inputs)
-  x = jax.ShapeDtypeStruct((b,) + tuple(task.sample_shape), jnp.float32)
-  t = jax.ShapeDtypeStruct((b,), jnp.int32)
-  extra = {"num_steps": jnp.full((b,), 4, jnp.int32)} if ours.cfg.step_choices else {}
-  count = lambda fn, *args: flops.compiled_flops(jax.jit(fn).lower(*args).compile())["flops"]
-  with jax.set_mesh(ours.mesh):
+  with jax.set_mesh(mesh):
+    p = train.plan(task, config, mesh)
+    rows = sharding.process_rows(mesh, b)
+    inputs = sharding.global_batch(task.inputs(0, b, rows), mesh, b, rows)
+    teacher = sharding.with_shardings(task.teacher_params, p.teacher)
+    conditioner = sharding.with_shardings(task.conditioner, p.conditioner)
+    student = p.abstract_state.student_params
+    cond, _ = jax.eval_shape(task.conditioning, conditioner, inputs)
+    x = jax.ShapeDtypeStruct((b,) + tuple(task.sample_shape), jnp.float32)
+    t = jax.ShapeDtypeStruct((b,), jnp.int32)
+    extra = {"num_steps": jnp.full((b,), 4, jnp.int32)} if cfg.step_choices else {}
+    count = lambda fn, *args: flops.compiled_flops(jax.jit(fn).lower(*args).compile())["flops"]
+    student_fn = lambda s, tp, x, t, c: task.networks_over(tp).student(s, x, t, c, **extra)
+    squared = lambda s, tp, x, t, c: jnp.sum(student_fn(s, tp, x, t, c).astype(jnp.float32) ** 2)
+    teacher_fn = lambda tp, x, t, c: task.apply(tp, x, t, c)
     out = {
-        "teacher forward": count(lambda p, x, t, c: task.apply(p, x, t, c), ours.teacher, x, t, cond),
-        "student forward": count(lambda s, x, t, c: nets.student(s, x, t, c, **extra), student, x, t, cond),
-        "student forward + backward": count(jax.grad(lambda s, x, t, c: jnp.sum(
-            nets.student(s, x, t, c, **extra).astype(jnp.float32) ** 2)), student, x, t, cond),
-        "text encoders": count(task.conditioning, ours.conditioner, inputs),
+        "teacher forward": count(teacher_fn, teacher, x, t, cond),
+        "student forward": count(student_fn, student, teacher, x, t, cond),
+        "student forward + backward": count(jax.grad(squared), student, teacher, x, t, cond),
+        "text encoders": count(task.conditioning, conditioner, inputs),
     }
-    if ours.cfg.guidance_scale != 1.0:
-      x2 = jax.ShapeDtypeStruct((2 * b,) + tuple(task.sample_shape), jnp.float32)
-      t2 = jax.ShapeDtypeStruct((2 * b,), jnp.int32)
-      cond2 = jax.tree.map(lambda a: jax.ShapeDtypeStruct((2 * a.shape[0],) + a.shape[1:], a.dtype), cond)
-      out["guided teacher"] = count(lambda p, x, t, c: task.apply(p, x, t, c), ours.teacher, x2, t2, cond2)
+    if cfg.guidance_scale != 1.0:
+      double = lambda a: jax.ShapeDtypeStruct((2 * a.shape[0],) + a.shape[1:], a.dtype)
+      out["guided teacher"] = count(teacher_fn, teacher, double(x), double(t), jax.tree.map(double, cond))
     else:
       out["guided teacher"] = out["teacher forward"]
+  jax.clear_caches()  # the parts' executables; the abstract task goes with this frame
   return out
 
 
-def flop_report(ours: Ours, k: int) -> list:
+def flop_report(ours: Ours, parts: dict, k: int) -> list:
   """Lines: the compiled step's FLOPs in teacher forwards, the sum of its parts, the textbook count."""
   step = flops.compiled_flops(ours.compiled)
-  parts = part_flops(ours)
   f = parts["teacher forward"]
   # rollout K forwards; fake: fwd+bwd; generator: student fwd+bwd, guided teacher, fake fwd; text encoders
   summed = (k * parts["student forward"] + 2 * parts["student forward + backward"] + parts["guided teacher"]
@@ -152,7 +161,9 @@ def main(_):
   if _DEVICES.value > len(jax.devices()):
     raise SystemExit(f"--devices={_DEVICES.value}: JAX sees {len(jax.devices())}; on CPU set "
                      f"XLA_FLAGS=--xla_force_host_platform_device_count={_DEVICES.value}")
-  ours = Ours(config, workdir, jax.devices()[:_DEVICES.value])
+  devices = jax.devices()[:_DEVICES.value]
+  parts = part_flops(config, devices) if _FLOPS.value else None
+  ours = Ours(config, workdir, devices)
   print(f"[{size}] batch {config.train.batch_size}, sample {tuple(ours.task.sample_shape)}, "
         f"K in {ours.cfg.all_step_counts}, CFG {ours.cfg.guidance_scale}, LoRA rank {config.model.lora_rank}, "
         f"dtype {config.model.dtype}; jax {jax.__version__} on {_DEVICES.value} {jax.devices()[0].device_kind} device(s), torch "
@@ -160,7 +171,7 @@ def main(_):
   print(f"our step: traced in {ours.compile_times['trace_s']:.1f} s, compiled in {ours.compile_times['compile_s']:.1f} s")
   n, reps = _ITERATIONS.value, _REPEATS.value
   k_max = max(ours.cfg.all_step_counts)
-  flop_lines, (step_flops, forward_flops) = flop_report(ours, k_max) if _FLOPS.value else ([], (None, None))
+  flop_lines, (step_flops, forward_flops) = flop_report(ours, parts, k_max) if _FLOPS.value else ([], (None, None))
   ours.run(0)  # warm-up (first call's allocations); every side starts each repetition at a new step
   modes = list(_TORCH.value)
   results = {"ours": [], **{mode: [] for mode in modes}}
