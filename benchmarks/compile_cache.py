@@ -32,7 +32,9 @@ _CHILD = flags.DEFINE_string("child", "", "Internal: compile once with this cach
 
 def compile_once(size: str, cache: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from tdm_jax import diffusers_task, sharding, train  # pylint: disable=g-import-not-at-top
+  from tdm_jax.core import train  # pylint: disable=g-import-not-at-top
+  from tdm_jax.infra import sharding  # pylint: disable=g-import-not-at-top
+  from tdm_jax.tasks.diffusers import task as diffusers_task  # pylint: disable=g-import-not-at-top
   config = row_config(size)
   config.compilation_cache = cache
   train.use_compilation_cache(config.compilation_cache)

@@ -9,7 +9,7 @@ Both sides run the run's own config (configs/shapes.py or configs/sdxl.py) and t
 ours and theirs alternate `--repeats` times, `--iterations` iterations each; the figure is the median
 over repetitions of ms per iteration. SDXL: the two do not fit in 24 GiB together, so ours runs first,
 is freed, then theirs (random weights on both sides, ours from the published configs, theirs built in
-bf16 from the same configs). Also printed: FLOPs per iteration of our compiled step (tdm_jax/flops.py,
+bf16 from the same configs). Also printed: FLOPs per iteration of our compiled step (tdm_jax/infra/flops.py,
 loops counted as often as they run, and XLA's cost analysis) in teacher forwards, against the sum of
 its parts compiled alone and the textbook count, and MFU when `--peak_tflops` is given.
 """
@@ -31,7 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 
-from tdm_jax import diffusers_task, flops, sharding, tdm, train  # pylint: disable=wrong-import-position
+from tdm_jax.core import tdm, train  # pylint: disable=wrong-import-position
+from tdm_jax.infra import flops, sharding  # pylint: disable=wrong-import-position
+from tdm_jax.tasks.diffusers import task as diffusers_task  # pylint: disable=wrong-import-position
 from rows import SIZES, Ours, row_config  # pylint: disable=wrong-import-position
 
 _SIZE = flags.DEFINE_enum("size", "shapes", SIZES, "Which row (rows.py).")

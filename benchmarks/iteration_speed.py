@@ -21,7 +21,9 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import toy  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tdm_jax import sharding, toy_task, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tdm_jax.core import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tdm_jax.infra import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tdm_jax.tasks.toy import task as toy_task  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Global batch size.")
 _ITERATIONS = flags.DEFINE_integer("iterations", 50, "Timed iterations.")

@@ -25,7 +25,9 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from tdm_jax import diffusers_task, sharding, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tdm_jax.core import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tdm_jax.infra import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tdm_jax.tasks.diffusers import task as diffusers_task  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sdxl.py", "The run's config.")
 _DEVICES = flags.DEFINE_integer("devices", 0, "Devices in the mesh (0: all).")

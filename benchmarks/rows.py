@@ -7,7 +7,9 @@ import gc
 import jax
 import numpy as np
 
-from tdm_jax import diffusers_task, rng, sharding, tdm, train
+from tdm_jax.core import rng, tdm, train
+from tdm_jax.infra import sharding
+from tdm_jax.tasks.diffusers import task as diffusers_task
 
 SIZES = ("shapes", "sdxl256", "sdxl1024")
 

@@ -27,7 +27,9 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
-from tdm_jax import diffusers_task, sample, sharding  # pylint: disable=wrong-import-position
+from tdm_jax.core import sample  # pylint: disable=wrong-import-position
+from tdm_jax.infra import sharding  # pylint: disable=wrong-import-position
+from tdm_jax.tasks.diffusers import task as diffusers_task  # pylint: disable=wrong-import-position
 from rows import SIZES, row_config  # pylint: disable=wrong-import-position
 
 _SIZE = flags.DEFINE_enum("size", "shapes", SIZES, "Which row (rows.py).")

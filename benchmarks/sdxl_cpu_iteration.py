@@ -26,7 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from tdm_jax import diffusers_task, rng, sharding, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tdm_jax.core import rng, train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tdm_jax.infra import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tdm_jax.tasks.diffusers import task as diffusers_task  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sdxl.py", "The run's config.")
 _RESOLUTION = flags.DEFINE_integer("resolution", 256, "Pixels.")

@@ -1,4 +1,4 @@
-"""The TDM iteration of `tdm_jax/tdm.py`, written in PyTorch on Diffusers' UNet2DConditionModel.
+"""The TDM iteration of `tdm_jax/core/tdm.py`, written in PyTorch on Diffusers' UNet2DConditionModel.
 
 What a user would otherwise run: the authors' method on the Diffusers/Transformers modules, eager or
 under `torch.compile`. It does the same work as our compiled step, in the same order: the text
@@ -33,13 +33,13 @@ from torch import nn
 import diffusers
 import transformers
 
-from tdm_jax import lora as lora_lib
-from tdm_jax import tdm
 from tdm_jax.convert import folders
 from tdm_jax.convert.unet import diffusers_name
 from tdm_jax.convert.unet import unet_state_dict_from_params
-from tdm_jax.errors import ConfigError
-from tdm_jax.optim import make_optimizers
+from tdm_jax.core import lora as lora_lib
+from tdm_jax.core import tdm
+from tdm_jax.core.optim import make_optimizers
+from tdm_jax.infra.errors import ConfigError
 
 ROLES = ("student", "fake")
 
@@ -69,7 +69,7 @@ class IterationDraws(NamedTuple):
 def jax_draws(cfg: tdm.TDMConfig, seed: int, step: int, batch: int, sample_shape) -> IterationDraws:
   """The draws of our step at iteration `step` (seed `seed`), as torch tensors."""
   import jax  # pylint: disable=g-import-not-at-top
-  from tdm_jax import rng  # pylint: disable=g-import-not-at-top
+  from tdm_jax.core import rng  # pylint: disable=g-import-not-at-top
   d = jax.device_get(tdm.iteration_draws(cfg, rng.iteration_key(seed, step), batch, tuple(sample_shape)))
   t = lambda tree: type(tree)(*(torch.from_numpy(np.array(v)) for v in tree))
   return IterationDraws(int(d.num_steps), torch.from_numpy(np.array(d.z)), t(d.fake_segments), t(d.fake_sample),
@@ -112,7 +112,7 @@ def torch_draws(cfg: tdm.TDMConfig, num_steps: int, batch: int, sample_shape, ge
 
 
 class Schedule:
-  """The discrete schedule of `tdm_jax/schedules.py` in torch (t = -1: clean data)."""
+  """The discrete schedule of `tdm_jax/core/schedules.py` in torch (t = -1: clean data)."""
 
   def __init__(self, alphas_cumprod, prediction_type: str):
     self.alphas_cumprod = torch.from_numpy(np.array(alphas_cumprod, np.float32))

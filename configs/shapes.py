@@ -13,7 +13,7 @@ configs/shapes_teacher.py remakes the teacher itself.
 import ml_collections
 
 from tdm_jax import default_config
-from tdm_jax import shapes_teacher
+from tdm_jax.tasks.shapes import teacher as shapes_teacher
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -3,7 +3,7 @@
   python -m tdm_jax.main --config=configs/shapes_teacher.py --workdir=DIR --mode=pretrain
 
 Stages (VAE, UNet + text encoders, Diffusers folder, evaluator) resume from DIR; see
-tdm_jax/shapes_teacher.py. DIR/pipeline is then what tdm_jax/assets/shapes/pipeline holds.
+tdm_jax/tasks/shapes/teacher.py. DIR/pipeline is then what tdm_jax/assets/shapes/pipeline holds.
 """
 
 import ml_collections

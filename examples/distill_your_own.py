@@ -6,9 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdm_jax import default_config, pretrain, sample, toy, train
+from tdm_jax import default_config
+from tdm_jax.core import pretrain, sample, train
+from tdm_jax.core.schedules import make_schedule
 from tdm_jax.models.mlp import MLPDenoiser, init_params
-from tdm_jax.schedules import make_schedule
+from tdm_jax.tasks.toy import mixture as toy
 
 workdir = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] != "--quick" else "/tmp/distill_your_own"
 scale = 20 if "--quick" in sys.argv else 1  # --quick: 20x fewer iterations (a smoke test)

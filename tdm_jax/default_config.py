@@ -9,7 +9,8 @@ from a config file or a `--config.a.b=...` override.
 
 import ml_collections
 
-from tdm_jax import lora, sharding
+from tdm_jax.core import lora
+from tdm_jax.infra import sharding
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -27,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
       beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
       prediction_type="epsilon"))
 
-  # Trajectory Distribution Matching: every option of TDM.md (see tdm_jax/tdm.py: TDMConfig).
+  # Trajectory Distribution Matching: every option of TDM.md (see tdm_jax/core/tdm.py: TDMConfig).
   config.tdm = ml_collections.ConfigDict(dict(
       num_student_steps=4, total_steps=800, guidance_scale=2.0, interval_mode="separate", random_mid=False,
       min_timestep=20, upper_margin=10, mid_margin=20, min_snr_gamma=5.0, importance_weighting=True,
@@ -60,13 +61,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Devices: (data, fsdp, tensor); -1 takes all remaining devices. Parameters are placed by their
   # logical axis names through `rules` (logical name, mesh axis or None), in order; every leaf of at
-  # least `min_shard_size` elements is split over fsdp (tdm_jax/sharding.py).
+  # least `min_shard_size` elements is split over fsdp (tdm_jax/infra/sharding.py).
   config.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=sharding.DEFAULT_RULES,
                                                min_shard_size=sharding.DEFAULT_MIN_SIZE))
 
   # Prompts to distil on (Diffusers pipelines): a .txt file, one per line, a .jsonl file with a "prompt"
   # field, or tfds:NAME (NAME[:VERSION]), a TFDS dataset in tfds_data_dir read per process without
-  # TensorFlow (write one with `python -m tdm_jax.data PROMPTS.txt --name=NAME --data_dir=DIR`).
+  # TensorFlow (write one with `python -m tdm_jax.infra.data PROMPTS.txt --name=NAME --data_dir=DIR`).
   config.data = ml_collections.ConfigDict(dict(prompt_source="", tfds_split="train", tfds_text_field="text",
                                                tfds_data_dir=""))
 

@@ -9,7 +9,7 @@ pipeline folder under DIR/export; `sample` draws the student of a checkpoint on 
 (configs/shapes_teacher.py: the shipped one). Any config field can be overridden as
 `--config.train.batch_size=64`; unknown keys are errors.
 
-`--jax_distributed` makes several processes one job (`tdm_jax/distributed.py`, `launch/`); only
+`--jax_distributed` makes several processes one job (`tdm_jax/infra/distributed.py`, `launch/`); only
 `train` spans processes, and process 0 alone exports and evaluates after it. Errors the user
 fixes print as one line and exit with status 2; `--verbosity=1` shows their traceback."""
 
@@ -25,13 +25,14 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tdm_jax import data, distributed, metrics, train
-from tdm_jax.errors import ConfigError, UserError
+from tdm_jax.core import train
+from tdm_jax.infra import data, distributed, metrics
+from tdm_jax.infra.errors import ConfigError, UserError
 
 MODES = ("train", "evaluate", "convert", "export", "sample", "pretrain")
 # config.task -> the module that turns a config into a Task and evaluates a student on it.
-TASKS = {"toy": "tdm_jax.toy_task", "diffusers": "tdm_jax.diffusers_task",
-         "shapes_teacher": "tdm_jax.shapes_teacher"}
+TASKS = {"toy": "tdm_jax.tasks.toy.task", "diffusers": "tdm_jax.tasks.diffusers.task",
+         "shapes_teacher": "tdm_jax.tasks.shapes.teacher"}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                           lock_config=True)

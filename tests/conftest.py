@@ -40,7 +40,7 @@ def toy_config():
 @pytest.fixture(scope="session")
 def toy_teacher_dir(tmp_path_factory):
   """A workdir whose tiny toy teacher is already trained (copy its `teacher/` to reuse it)."""
-  from tdm_jax import toy_task  # pylint: disable=g-import-not-at-top
+  from tdm_jax.tasks.toy import task as toy_task  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("toy_teacher"))
   toy_task.teacher_params(tiny_toy_config(), workdir, progress=False)
   return workdir
@@ -56,14 +56,14 @@ def distilled_sdxl(tmp_path_factory):
   file, exported and evaluated, stock Diffusers rows included. (pipe, config, workdir, task, state);
   a test that changes the config changes a copy."""
   import tiny_pipeline  # pylint: disable=g-import-not-at-top
-  from tdm_jax import diffusers_task  # pylint: disable=g-import-not-at-top
   from tdm_jax import main as tdm_main  # pylint: disable=g-import-not-at-top
+  from tdm_jax.tasks.diffusers import task as diffusers_task  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("sdxl")
   pipe = tiny_pipeline.make_tiny_sdxl_pipeline(root / "pipeline", transformer_depth=(1, 1))
   prompt_file = root / "prompts.txt"
   prompt_file.write_text(SDXL_PROMPTS[0] + "\n\n" + SDXL_PROMPTS[1] + "\n")
   config = tiny_pipeline.tiny_sdxl_config(root / "pipeline", prompt_file)
-  subprocess.run([sys.executable, "-m", "tdm_jax.data", str(prompt_file), "--name=sdxl_prompts",
+  subprocess.run([sys.executable, "-m", "tdm_jax.infra.data", str(prompt_file), "--name=sdxl_prompts",
                   f"--data_dir={root / 'tfds'}"], cwd=REPO, check=True, capture_output=True, timeout=120)
   config.data.prompt_source = "tfds:sdxl_prompts"
   config.data.tfds_data_dir = str(root / "tfds")

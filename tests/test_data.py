@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from transformers import CLIPTokenizer
 
-from tdm_jax import data, shapes_data
+from tdm_jax.infra import data
+from tdm_jax.tasks.shapes import data as shapes_data
 
 
 def test_text_and_jsonl_prompt_files(tmp_path):
@@ -120,14 +121,14 @@ def test_tfds_dataset_without_the_text_field_is_named(prompt_dataset):
 
 
 def test_missing_tfds_dataset_says_how_to_write_one(tmp_path):
-  with pytest.raises(FileNotFoundError, match=r"no prepared TFDS dataset 'nowhere'.*python -m tdm_jax.data"):
+  with pytest.raises(FileNotFoundError, match=r"no prepared TFDS dataset 'nowhere'.*python -m tdm_jax.infra.data"):
     data.TfdsPrompts("nowhere", data_dir=str(tmp_path), process_index=0, process_count=1)
 
 
 def test_shipped_shapes_prompts_as_a_tfds_dataset(tmp_path):
   import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
-  from tdm_jax import shapes_teacher  # pylint: disable=g-import-not-at-top
-  result = subprocess.run([sys.executable, "-m", "tdm_jax.data", "--shapes", "--name=shapes_prompts",
+  from tdm_jax.tasks.shapes import teacher as shapes_teacher  # pylint: disable=g-import-not-at-top
+  result = subprocess.run([sys.executable, "-m", "tdm_jax.infra.data", "--shapes", "--name=shapes_prompts",
                            f"--data_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
   assert "--config.data.prompt_source=tfds:shapes_prompts" in result.stdout

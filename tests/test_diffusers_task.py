@@ -71,7 +71,7 @@ def test_lora_files_of_a_unified_student_in_the_teacher_pipeline(distilled_sdxl)
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import DDIMScheduler  # pylint: disable=g-import-not-at-top
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  from tdm_jax import lora  # pylint: disable=g-import-not-at-top
+  from tdm_jax.core import lora  # pylint: disable=g-import-not-at-top
   _, config, workdir, _, state = distilled_sdxl
   export = os.path.join(workdir, "export")
   table = np.asarray(state.student_params["class_embedding"]["embedding"][lora.FULL])
@@ -102,7 +102,8 @@ def test_lora_files_of_a_fixed_k_student_in_the_teacher_pipeline(distilled_sdxl,
   into the teacher's pipeline make the exported pipeline's images."""
   import torch  # pylint: disable=g-import-not-at-top
   from diffusers import DDIMScheduler  # pylint: disable=g-import-not-at-top
-  from tdm_jax import diffusers_task, lora  # pylint: disable=g-import-not-at-top
+  from tdm_jax.core import lora  # pylint: disable=g-import-not-at-top
+  from tdm_jax.tasks.diffusers import task as diffusers_task  # pylint: disable=g-import-not-at-top
   _, config, workdir, task, _ = distilled_sdxl
   config = copy.deepcopy(config)
   config.tdm.step_choices = ()
@@ -143,8 +144,8 @@ def test_missing_pipeline_folder_is_named(tmp_path):
 
 def test_converted_trees_restore_sharded(distilled_sdxl):
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from tdm_jax import sharding  # pylint: disable=g-import-not-at-top
   from tdm_jax.convert import pipeline as pipeline_io  # pylint: disable=g-import-not-at-top
+  from tdm_jax.infra import sharding  # pylint: disable=g-import-not-at-top
   workdir = distilled_sdxl[2]
   mesh = sharding.make_mesh((-1, 1, 1))
   n = mesh.shape["data"]
@@ -165,7 +166,7 @@ def test_resumed_run_continues_at_the_saved_dataset_position(distilled_sdxl, tmp
   """The fixture distilled from a TFDS dataset; its checkpoint holds the position reached, and a run
   resumed from it with twice the batch continues there (not where 4 x 16 rows would put it)."""
   import shutil  # pylint: disable=g-import-not-at-top
-  from tdm_jax.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from tdm_jax.infra.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
   _, config, workdir, _, _ = distilled_sdxl
   config = copy.deepcopy(config)
   saved = Checkpointer(os.path.join(workdir, "checkpoints"))

@@ -1,10 +1,10 @@
-"""Tests of the shapes attribute classifier and the image metrics (tdm_jax/evaluator.py)."""
+"""Tests of the shapes attribute classifier and the image metrics (tdm_jax/tasks/shapes/evaluator.py)."""
 
 import numpy as np
 import pytest
 
-from tdm_jax import evaluator
-from tdm_jax import shapes_data
+from tdm_jax.tasks.shapes import data as shapes_data
+from tdm_jax.tasks.shapes import evaluator
 
 CONFIG = shapes_data.ShapesConfig(image_size=32)
 TRAIN_SEED = 0

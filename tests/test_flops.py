@@ -1,10 +1,10 @@
-"""The loop-aware FLOP count of compiled programs (tdm_jax/flops.py) against XLA's and against hand counts."""
+"""The loop-aware FLOP count of compiled programs (tdm_jax/infra/flops.py) against XLA's and against hand counts."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from tdm_jax import flops
+from tdm_jax.infra import flops
 
 W = jnp.ones((64, 64))
 K = jnp.ones((3, 3, 8, 16))

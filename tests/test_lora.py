@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tdm_jax import lora
+from tdm_jax.core import lora
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 # An SD1.5-style UNet with one resolution level (down, mid, up; 4 transformer blocks): the same module

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from tdm_jax import lora
 from tdm_jax.convert.lora import (LoraConversionError, load_kohya_lora, save_kohya_lora, save_lora, sgm_blocks,
                                   sgm_name)
 from tdm_jax.convert.unet import diffusers_name, expected_param_shapes
+from tdm_jax.core import lora
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 # The UNet of tests/tiny_pipeline.make_tiny_sdxl_pipeline.

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import tiny_pipeline
-from tdm_jax import checkpoint, main as tdm_main
+from tdm_jax import main as tdm_main
+from tdm_jax.infra import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERATIONS = 6

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tdm_jax import default_config
-from tdm_jax.optim import make_optimizers
+from tdm_jax.core.optim import make_optimizers
 
 
 def _optim(**changes):

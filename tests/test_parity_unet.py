@@ -10,10 +10,10 @@ import diffusers
 import torch
 from safetensors.numpy import load_file
 
-from tdm_jax import lora
 from tdm_jax.convert.errors import ConversionError
 from tdm_jax.convert.unet import (unet_params_from_state_dict,
                                   unet_state_dict_from_params)
+from tdm_jax.core import lora
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 SD15 = dict(

@@ -1,4 +1,4 @@
-"""`tdm_jax.pipeline` equals Diffusers' pipelines on tiny random SDXL and SD 1.5 folders.
+"""`tdm_jax.tasks.diffusers.pipeline` equals Diffusers' pipelines on tiny random SDXL and SD 1.5 folders.
 
 Prompt -> embeddings (both encoders, pooled, negatives, zeros for empty negatives), SDXL's
 add_time_ids, and one UNet call on the embeddings, all against the pipeline's own code.
@@ -17,10 +17,10 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from tdm_jax import pipeline  # pylint: disable=g-import-not-at-top
 from tdm_jax.convert import folders  # pylint: disable=g-import-not-at-top
 from tdm_jax.convert.unet import unet_params_from_state_dict  # pylint: disable=g-import-not-at-top
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig  # pylint: disable=g-import-not-at-top
+from tdm_jax.tasks.diffusers import pipeline  # pylint: disable=g-import-not-at-top
 
 import tiny_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-order
 

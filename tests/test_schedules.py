@@ -1,4 +1,4 @@
-"""Parity tests of tdm_jax.schedules against Diffusers' own (torch) schedulers."""
+"""Parity tests of tdm_jax.core.schedules against Diffusers' own (torch) schedulers."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-from tdm_jax import schedules as S
+from tdm_jax.core import schedules as S
 
 SDXL = {
     "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",

@@ -17,8 +17,10 @@ from jax.sharding import PartitionSpec as P
 from conftest import REPO  # noqa: F401 (puts the repo on sys.path)
 import tiny_pipeline
 
-from tdm_jax import diffusers_task, lora, sharding, tdm, train
-from tdm_jax.checkpoint import CheckpointError
+from tdm_jax.core import lora, tdm, train
+from tdm_jax.infra import sharding
+from tdm_jax.infra.checkpoint import CheckpointError
+from tdm_jax.tasks.diffusers import task as diffusers_task
 
 MIN_SHARD = 256  # the tiny model's leaves are small: shard everything from 256 elements up
 

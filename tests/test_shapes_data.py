@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tdm_jax import sample
-from tdm_jax import shapes_data as sd
+from tdm_jax.core import sample
+from tdm_jax.tasks.shapes import data as sd
 
 CONFIG = sd.ShapesConfig()
 

@@ -8,13 +8,18 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from tdm_jax import data, evaluator, pipeline, sample, shapes_data, shapes_teacher
 from tdm_jax.convert import folders
 from tdm_jax.convert.pipeline import convert_pipeline
-from tdm_jax.diffusers_task import unet_apply
+from tdm_jax.core import sample
+from tdm_jax.core.schedules import from_diffusers_config
+from tdm_jax.infra import data
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from tdm_jax.models.vae import AutoencoderKL, VAEConfig
-from tdm_jax.schedules import from_diffusers_config
+from tdm_jax.tasks.diffusers import pipeline
+from tdm_jax.tasks.diffusers.task import unet_apply
+from tdm_jax.tasks.shapes import data as shapes_data
+from tdm_jax.tasks.shapes import evaluator
+from tdm_jax.tasks.shapes import teacher as shapes_teacher
 
 PIPELINE = shapes_teacher.SHIPPED_PIPELINE
 PROMPTS = ["a small red circle in the top left on a white background",

@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 
 from conftest import REPO  # noqa: F401 (puts the repo on sys.path)
-from tdm_jax import data, evaluator, metrics, pretrain, shapes_data, shapes_teacher
 from tdm_jax import main as tdm_main
 from tdm_jax.convert import folders
+from tdm_jax.core import pretrain
+from tdm_jax.infra import data, metrics
+from tdm_jax.tasks.shapes import data as shapes_data
+from tdm_jax.tasks.shapes import evaluator
+from tdm_jax.tasks.shapes import teacher as shapes_teacher
 
 
 def _regression(workdir, num_iterations, poison_at=None):

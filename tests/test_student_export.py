@@ -15,12 +15,14 @@ import pytest
 from conftest import SDXL_PROMPTS
 import tiny_pipeline
 
-from tdm_jax import diffusers_task, lora, sample, sharding, train
 from tdm_jax import main as tdm_main
 from tdm_jax.convert import folders
 from tdm_jax.convert import pipeline as pipeline_io
 from tdm_jax.convert import student as student_io
+from tdm_jax.core import lora, sample, train
+from tdm_jax.infra import sharding
 from tdm_jax.models.vae import AutoencoderKL, VAEConfig
+from tdm_jax.tasks.diffusers import task as diffusers_task
 
 CHOICES = (1, 2, 4)  # configs/sdxl.py's
 

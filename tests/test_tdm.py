@@ -1,4 +1,4 @@
-"""Tests of the TDM kernels (tdm_jax/tdm.py) against TDM.md, on tiny pure-jnp models.
+"""Tests of the TDM kernels (tdm_jax/core/tdm.py) against TDM.md, on tiny pure-jnp models.
 
 The model is `apply(params, x_t, t, cond, num_steps=None, segment=None)`: a linear/tanh map of the
 flattened x_t plus embeddings of t, of the label and of a conditioning vector (and optionally of
@@ -17,8 +17,8 @@ import numpy as np
 import optax
 import pytest
 
-from tdm_jax import rng, tdm
-from tdm_jax.schedules import ddim_step, make_schedule
+from tdm_jax.core import rng, tdm
+from tdm_jax.core.schedules import ddim_step, make_schedule
 
 NUM_LABELS = 4  # label NUM_LABELS is the "null" (unconditional) label
 VEC_DIM = 5

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tdm_jax.models.mlp import MLPDenoiser, init_params, timestep_embedding
-from tdm_jax.toy import (
+from tdm_jax.tasks.toy.mixture import (
     MixtureOfGaussians,
     classwise_energy_distance,
     energy_distance,

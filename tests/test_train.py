@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tdm_jax import checkpoint, metrics, tdm, toy_task, train
+from tdm_jax.core import tdm, train
+from tdm_jax.infra import checkpoint, metrics
+from tdm_jax.tasks.toy import task as toy_task
 
 from conftest import REPO
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from tdm_jax.errors import ConfigError
+from tdm_jax.infra.errors import ConfigError
 
 
 class ConversionError(ConfigError):

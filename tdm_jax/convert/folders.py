@@ -26,8 +26,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tdm_jax.errors import ConfigError
-from tdm_jax.files import atomic_write
+from tdm_jax.infra.errors import ConfigError
+from tdm_jax.infra.files import atomic_write
 
 MODEL_INDEX = "model_index.json"
 CONFIG_NAMES = ("config.json", "scheduler_config.json")

@@ -34,10 +34,10 @@ import flax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from tdm_jax import lora
 from tdm_jax.convert.unet import diffusers_name, our_path, expected_param_shapes
-from tdm_jax.errors import ConfigError
-from tdm_jax.files import atomic_write
+from tdm_jax.core import lora
+from tdm_jax.infra.errors import ConfigError
+from tdm_jax.infra.files import atomic_write
 from tdm_jax.models.unet import UNetConfig
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # What `load_lora_weights(folder)` looks for.
@@ -69,7 +69,7 @@ def _adapter_pairs(adapters, expected) -> Dict[Tuple[str, ...], Tuple[np.ndarray
     raise LoraConversionError(
         f"the adapters hold parameters trained in full ({sorted('/'.join(p) for p in full)}), which a LoRA "
         f"file cannot carry: write lora.split_full(adapters)[0], and a unified student's step table with "
-        f"save_step_lora (diffusers_task.export does both)")
+        f"save_step_lora (tdm_jax.tasks.diffusers.task.export does both)")
   items = lora.adapter_items(adapters)
   _check_kernels(list(items), [(np.shape(a)[0], np.shape(b)[1]) for a, b in items.values()], expected)
   out = {}

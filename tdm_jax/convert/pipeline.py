@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdm_jax.checkpoint import Checkpointer
 from tdm_jax.convert import folders
 from tdm_jax.convert.clip import clip_params_from_state_dict, clip_state_dict_from_params
 from tdm_jax.convert.unet import unet_params_from_state_dict, unet_state_dict_from_params
 from tdm_jax.convert.vae import vae_params_from_state_dict, vae_state_dict_from_params
-from tdm_jax.errors import MissingFileError
+from tdm_jax.infra.checkpoint import Checkpointer
+from tdm_jax.infra.errors import MissingFileError
 from tdm_jax.models.clip import ClipConfig
 
 PyTree = Any

@@ -23,9 +23,9 @@ from typing import Any, Mapping, Sequence, Tuple
 
 import numpy as np
 
-from tdm_jax import tdm
-from tdm_jax.errors import ConfigError
-from tdm_jax.schedules import sampling_timesteps
+from tdm_jax.core import tdm
+from tdm_jax.core.schedules import sampling_timesteps
+from tdm_jax.infra.errors import ConfigError
 
 GUIDANCE_EMBED_DIM = 256  # LCM-SDXL's time_cond_proj_dim
 METADATA = "tdm_student.json"

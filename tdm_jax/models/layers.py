@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tdm_jax import sharding
+from tdm_jax.infra import sharding
 
 CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")
 NORM_AXES = ("norm",)

@@ -17,7 +17,7 @@ minutes there. The predicate (the first element of the inputs, or of the cotange
 true in every finite run; a NaN there gives NaN outputs or gradients, as it would anyway.
 
 Gradients flow to every variable collection of the module ("params" for full copies, "lora"
-for adapters, see `tdm_jax.lora.adapters_applied`); those nobody asks for are pruned by XLA.
+for adapters, see `tdm_jax.core.lora.adapters_applied`); those nobody asks for are pruned by XLA.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tdm_jax.errors import ConfigError
+from tdm_jax.infra.errors import ConfigError
 from tdm_jax.models import layers
 from tdm_jax.models.blocks import Attention, ResnetBlock2D, Upsample2D
 from tdm_jax.models.blocks import conv as _conv, dense as _dense, group_norm as _group_norm

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdm_jax import tdm
-from tdm_jax.errors import ConfigError
-from tdm_jax.schedules import Schedule, ddim_step, dpm_solver_2m_step, sampling_timesteps
+from tdm_jax.core import tdm
+from tdm_jax.core.schedules import Schedule, ddim_step, dpm_solver_2m_step, sampling_timesteps
+from tdm_jax.infra.errors import ConfigError
 
 SOLVERS = ("ddim", "dpm_solver_2m")
 

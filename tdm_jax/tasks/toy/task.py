@@ -15,11 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from tdm_jax import pretrain, rng, sample, toy
-from tdm_jax.checkpoint import Checkpointer
+from tdm_jax.core import pretrain, rng, sample
+from tdm_jax.core.schedules import make_schedule
+from tdm_jax.core.train import Task
+from tdm_jax.infra.checkpoint import Checkpointer
 from tdm_jax.models.mlp import MLPDenoiser, init_params
-from tdm_jax.schedules import make_schedule
-from tdm_jax.train import Task
+from tdm_jax.tasks.toy import mixture as toy
 
 
 def mixture_of(config) -> toy.MixtureOfGaussians:

@@ -12,8 +12,8 @@ import math
 import os
 from typing import Mapping
 
-from tdm_jax import distributed
-from tdm_jax.files import atomic_write_bytes
+from tdm_jax.infra import distributed
+from tdm_jax.infra.files import atomic_write_bytes
 
 
 class MetricsWriter:

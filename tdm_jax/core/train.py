@@ -5,7 +5,7 @@ teacher (its apply function, weights, schedule, sample shape and conditioning ba
 the same loop serves the vector example, the shapes pipeline and SDXL.
 
 Every tree is placed on the mesh by its logical axis names and `mesh.rules`
-(`tdm_jax/sharding.py`): the frozen teacher (also the LoRA base) and the frozen conditioner
+(`tdm_jax/infra/sharding.py`): the frozen teacher (also the LoRA base) and the frozen conditioner
 (text encoders) are arguments of the compiled step, never constants baked into it, and
 the state (student, fake score, their optimiser states) is donated to it. One function,
 `plan`, computes every sharding, so init, restore and the step never disagree.
@@ -29,12 +29,13 @@ import optax
 import tqdm
 from absl import logging
 
-from tdm_jax import distributed, lora, rng, sharding, tdm
-from tdm_jax.checkpoint import Checkpointer, CheckpointError
-from tdm_jax.errors import ConfigError, MissingFileError, NonFiniteLossError
-from tdm_jax.metrics import MetricsWriter
-from tdm_jax.optim import make_optimizers
-from tdm_jax.schedules import Schedule
+from tdm_jax.core import lora, rng, tdm
+from tdm_jax.core.optim import make_optimizers
+from tdm_jax.core.schedules import Schedule
+from tdm_jax.infra import distributed, sharding
+from tdm_jax.infra.checkpoint import Checkpointer, CheckpointError
+from tdm_jax.infra.errors import ConfigError, MissingFileError, NonFiniteLossError
+from tdm_jax.infra.metrics import MetricsWriter
 
 PyTree = Any
 
@@ -63,7 +64,7 @@ class Task:
     the adapter tree trains in full that the base lacks.
   source: the data's position when it is more than the step (a dataset read in order):
     `state(step, num_rows) -> dict` is saved with the checkpoint of `step` (JSON), and
-    `restore(step, saved)` continues from it on resume (`tdm_jax/data.py`).
+    `restore(step, saved)` continues from it on resume (`tdm_jax/infra/data.py`).
   """
   apply: Callable
   teacher_params: PyTree

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from tdm_jax.errors import DistributedError
+from tdm_jax.infra.errors import DistributedError
 
 ENV_ADDRESS = "TDM_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "TDM_NUM_PROCESSES"

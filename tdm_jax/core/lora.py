@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdm_jax.errors import ConfigError
+from tdm_jax.infra.errors import ConfigError
 
 Path = Tuple[str, ...]
 FULL = "full"  # the leaf name of a parameter trained in full beside the adapters

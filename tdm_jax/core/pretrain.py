@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import optax
 import tqdm
 
-from tdm_jax import distributed, rng
-from tdm_jax.checkpoint import Checkpointer
-from tdm_jax.errors import NonFiniteLossError
-from tdm_jax.metrics import MetricsWriter
-from tdm_jax.schedules import Schedule
+from tdm_jax.core import rng
+from tdm_jax.core.schedules import Schedule
+from tdm_jax.infra import distributed
+from tdm_jax.infra.checkpoint import Checkpointer
+from tdm_jax.infra.errors import NonFiniteLossError
+from tdm_jax.infra.metrics import MetricsWriter
 
 PyTree = Any
 

@@ -18,7 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from tdm_jax.errors import UserError
+from tdm_jax.infra.errors import UserError
 
 PyTree = Any
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from tdm_jax.convert import folders
 from tdm_jax.convert.clip import clip_params_from_state_dict
-from tdm_jax.errors import ConfigError
+from tdm_jax.infra.errors import ConfigError
 from tdm_jax.models.clip import ClipConfig, CLIPTextEncoder
 
 PyTree = Any

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from tdm_jax.errors import ConfigError
+from tdm_jax.infra.errors import ConfigError
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 PyTree = Any

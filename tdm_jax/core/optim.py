@@ -7,7 +7,7 @@ import re
 import jax
 import optax
 
-from tdm_jax.errors import ConfigError
+from tdm_jax.infra.errors import ConfigError
 
 SCHEDULES = ("constant", "cosine")
 

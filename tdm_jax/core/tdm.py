@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tdm_jax import rng
-from tdm_jax.errors import ConfigError
-from tdm_jax.schedules import Schedule, ddim_step, diffusion_coefficients
+from tdm_jax.core import rng
+from tdm_jax.core.schedules import Schedule, ddim_step, diffusion_coefficients
+from tdm_jax.infra.errors import ConfigError
 
 Apply = Callable[..., jax.Array]
 PyTree = Any

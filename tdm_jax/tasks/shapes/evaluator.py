@@ -1,6 +1,6 @@
 """An attribute classifier for the procedural shapes dataset, and metrics for generated images.
 
-The classifier is a small CNN trained on `shapes_data` images (rendered on the fly, deterministically
+The classifier is a small CNN trained on `tasks.shapes.data` images (rendered on the fly, deterministically
 from (seed, example index)). It predicts the background, the number of objects and, for each of
 the five position cells, whether an object is there and its shape, colour and size. Indexing the
 object heads by position (rather than by object slot) removes the ordering ambiguity between two
@@ -34,10 +34,10 @@ import numpy as np
 import optax
 import scipy.linalg
 
-from tdm_jax import shapes_data
-from tdm_jax.errors import ConfigError, MissingFileError
-from tdm_jax.files import atomic_write_bytes
-from tdm_jax.shapes_data import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, ShapesConfig
+from tdm_jax.infra.errors import ConfigError, MissingFileError
+from tdm_jax.infra.files import atomic_write_bytes
+from tdm_jax.tasks.shapes import data as shapes_data
+from tdm_jax.tasks.shapes.data import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, ShapesConfig
 
 NUM_POSITIONS = len(POSITIONS)
 CONV_AXES = ("conv_height", "conv_width", "conv_in", "conv_out")

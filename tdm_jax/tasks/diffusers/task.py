@@ -5,7 +5,7 @@ The teacher comes from `teacher.pipeline` (a Diffusers folder), converted once i
 straight into its shards on the mesh. Without a folder, `model.reference` (published configs,
 no weights) gives random weights made on the mesh: shape-only runs for benchmarks and dry runs.
 
-Prompts come from `data.prompt_source` (`tdm_jax/data.py`); each process reads and tokenizes
+Prompts come from `data.prompt_source` (`tdm_jax/infra/data.py`); each process reads and tokenizes
 only its rows of an iteration's batch on the host, and the text encoders run on device inside the
 compiled step. With `model.lora_rank > 0` the student and the fake score are LoRA adapters over
 the one frozen teacher (the paper's SDXL recipe); with 0 they are float32 copies.
@@ -25,19 +25,22 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from tdm_jax import data, lora, pipeline, rng, sharding, tdm
 from tdm_jax.convert import folders
 from tdm_jax.convert import lora as lora_io
 from tdm_jax.convert import pipeline as pipeline_io
 from tdm_jax.convert import student as student_io
 from tdm_jax.convert import unet as unet_io
-from tdm_jax.errors import ConfigError
+from tdm_jax.core import lora, rng, tdm
+from tdm_jax.core.schedules import from_diffusers_config
+from tdm_jax.core.train import Task, sampling_params
+from tdm_jax.infra import data, sharding
+from tdm_jax.infra.errors import ConfigError
 from tdm_jax.models.clip import ClipConfig, CLIPTextEncoder
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
-from tdm_jax.schedules import from_diffusers_config
-from tdm_jax.train import Task, sampling_params
+from tdm_jax.tasks.diffusers import pipeline
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# This file is REPO_ROOT/tdm_jax/tasks/diffusers/task.py.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 DRY_RUN_PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolour of a lighthouse at dusk",
                    "a red bicycle leaning on a brick wall", "a bowl of ramen, studio lighting")
@@ -418,7 +421,7 @@ def _samplers(config, task: Task, student_params, uncond, teacher_steps, student
   """(name, role, nfe, params, fn, extra args) per sampler: the teacher with CFG on Diffusers' "trailing"
   grid, the student on its own timesteps. Weights are arguments of the compiled samplers, never
   constants baked into them (GBs at SDXL size)."""
-  from tdm_jax import sample  # pylint: disable=g-import-not-at-top
+  from tdm_jax.core import sample  # pylint: disable=g-import-not-at-top
   cfg = config.tdm
   calls = 1 if cfg.guidance_scale == 1.0 else 2
   samplers = [(f"teacher, {n} DDIM steps, CFG {cfg.guidance_scale}", "teacher", calls * n, task.teacher_params,
@@ -452,7 +455,7 @@ class _Renderer(NamedTuple):
 
   def images(self, task: Task, sampler):
     """(uint8 NHWC pixels, ms for the batch: sampling plus decoding, compilation excluded) of one sampler."""
-    from tdm_jax import sample  # pylint: disable=g-import-not-at-top
+    from tdm_jax.core import sample  # pylint: disable=g-import-not-at-top
     _, _, _, params, fn, extra = sampler
     latents, ms = sample.timed(fn, params, task.schedule, self.z, self.cond, *extra)
     start = time.perf_counter()
@@ -507,7 +510,8 @@ def evaluate(config, workdir: str, task: Task, student_params) -> list:
   adherence and per-prompt diversity. Writes WORKDIR/eval/<sampler>.png (one image per prompt) and
   WORKDIR/eval/comparison.png (a row per sampler, real images first when there are any).
   """
-  from tdm_jax import evaluator, sample  # pylint: disable=g-import-not-at-top
+  from tdm_jax.core import sample  # pylint: disable=g-import-not-at-top
+  from tdm_jax.tasks.shapes import evaluator  # pylint: disable=g-import-not-at-top
   if is_shape_only(config, workdir):
     raise ConfigError("this run has random weights (no teacher.pipeline) and no VAE or tokenizer to evaluate "
                       "with; set --config.train.evaluate_after=False for shape-only runs")
@@ -560,7 +564,7 @@ def sample_prompts(config, workdir: str, task: Task, student_params, prompts, ch
   """`--mode=sample`: the student at `sample.student_steps` (default: the counts it was trained for) and
   the teacher at `sample.teacher_steps` with CFG, all from the same noise, as PNGs
   (WORKDIR/samples/<step>/<sampler>/<i>.png) and one grid (a row per sampler, a column per prompt)."""
-  from tdm_jax import sample  # pylint: disable=g-import-not-at-top
+  from tdm_jax.core import sample  # pylint: disable=g-import-not-at-top
   if is_shape_only(config, workdir):
     raise ConfigError("this run has random weights (no teacher.pipeline): nothing worth sampling")
   if not prompts:

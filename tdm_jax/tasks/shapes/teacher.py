@@ -12,7 +12,7 @@ run again:
      An EMA of the weights is what ships.
   3. `pipeline/`: the Diffusers SDXL folder (model_index.json, unet/, vae/, text_encoder*/,
      tokenizer*/ with the caption vocabulary, scheduler/), written by our own exporters.
-  4. `evaluator/`: the attribute classifier `tdm_jax.evaluator` scores samples with.
+  4. `evaluator/`: the attribute classifier `tdm_jax.tasks.shapes.evaluator` scores samples with.
   5. `prompts_train.txt`, `prompts_eval.txt`: captions to distil on and to evaluate with, from
      data streams of their own.
 
@@ -33,16 +33,21 @@ import numpy as np
 import optax
 from absl import logging
 
-from tdm_jax import data, evaluator, pipeline, pretrain, rng, shapes_data
 from tdm_jax.convert import folders
 from tdm_jax.convert.pipeline import export_pipeline
-from tdm_jax.files import atomic_write_bytes
+from tdm_jax.core import pretrain, rng
+from tdm_jax.core.schedules import make_schedule
+from tdm_jax.infra import data
+from tdm_jax.infra.files import atomic_write_bytes
 from tdm_jax.models.clip import ClipConfig, CLIPTextEncoder
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from tdm_jax.models.vae import AutoencoderKL, VAEConfig
-from tdm_jax.schedules import make_schedule
+from tdm_jax.tasks.diffusers import pipeline
+from tdm_jax.tasks.shapes import data as shapes_data
+from tdm_jax.tasks.shapes import evaluator
 
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes")
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tdm_jax/
+ASSETS = os.path.join(PACKAGE_DIR, "assets", "shapes")
 SHIPPED_PIPELINE = os.path.join(ASSETS, "pipeline")
 SHIPPED_EVALUATOR = os.path.join(ASSETS, "evaluator")
 SHIPPED_TRAIN_PROMPTS = os.path.join(ASSETS, "prompts_train.txt")

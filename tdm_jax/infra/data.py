@@ -12,7 +12,7 @@ or "text" field), or `tfds:NAME` (a TFDS dataset in `data.tfds_data_dir`, its te
   process only its own part of the split (`tfds.split_for_jax_process`), in a fresh permutation per
   epoch; the position reached is saved with every checkpoint and a resumed run continues there.
 
-`python -m tdm_jax.data PROMPTS.txt --name=NAME --data_dir=DIR` writes a prompt file as such a
+`python -m tdm_jax.infra.data PROMPTS.txt --name=NAME --data_dir=DIR` writes a prompt file as such a
 dataset (`--shapes`: the shipped shapes prompts).
 """
 
@@ -25,8 +25,8 @@ from typing import Optional, Sequence
 import numpy as np
 from absl import logging
 
-from tdm_jax import rng
-from tdm_jax.errors import ConfigError, MissingFileError, UserError
+from tdm_jax.core import rng
+from tdm_jax.infra.errors import ConfigError, MissingFileError, UserError
 
 PROMPT_KEYS = ("prompt", "caption", "text")
 TFDS_PREFIX = "tfds:"
@@ -208,7 +208,7 @@ def _tfds_builder(name: str, data_dir: str):
     where = data_dir or "TFDS's default data_dir (~/tensorflow_datasets)"
     raise MissingFileError(f"no prepared TFDS dataset {name!r} in {where} ({type(err).__name__}: "
                            f"{str(err).splitlines()[0] if str(err) else ''}); write one with "
-                           f"`python -m tdm_jax.data PROMPTS.txt --name={name.split(':')[0]} --data_dir=DIR` and "
+                           f"`python -m tdm_jax.infra.data PROMPTS.txt --name={name.split(':')[0]} --data_dir=DIR` and "
                            f"set --config.data.tfds_data_dir=DIR") from err
 
 
@@ -298,9 +298,9 @@ def word_tokenizer(words: Sequence[str], max_length: int = 77):
 
 
 def _main(argv=None) -> None:
-  """`python -m tdm_jax.data PROMPTS --name=NAME --data_dir=DIR`: a prompt file as a TFDS dataset."""
+  """`python -m tdm_jax.infra.data PROMPTS --name=NAME --data_dir=DIR`: a prompt file as a TFDS dataset."""
   import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(prog="python -m tdm_jax.data",
+  parser = argparse.ArgumentParser(prog="python -m tdm_jax.infra.data",
                                    description="Write a prompt file (.txt or .jsonl) as a TFDS dataset "
                                                "(array_record) that data.prompt_source=tfds:NAME reads.")
   parser.add_argument("prompt_file", nargs="?", default="", help="prompts, one per line (.txt) or .jsonl")
@@ -314,7 +314,8 @@ def _main(argv=None) -> None:
     parser.error("give a prompt file or --shapes (one of them)")
   path = args.prompt_file
   if args.shapes:
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes", "prompts_train.txt")
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tdm_jax/, from tdm_jax/infra/data.py
+    path = os.path.join(package, "assets", "shapes", "prompts_train.txt")
   try:
     folder = write_tfds_prompts(read_prompts(path), args.name, args.data_dir, split=args.split,
                                 text_field=args.text_field)

@@ -1,0 +1,1 @@
+"""The TDM method: losses, schedules, samplers, LoRA, optimisers, draws, teacher pretraining, the distillation loop."""
