@@ -6,7 +6,6 @@ The equality tests compare whole distillation runs on different meshes with the 
 the real architecture's shapes (`configs/diffusers`, no weights).
 """
 
-import os
 
 import jax
 import jax.numpy as jnp
