@@ -31,9 +31,10 @@ PATCH_CONV_MAX_PIXELS = 4
 def _patch_conv(lhs, rhs, strides, padding, precision):
   """A 2-D NHWC conv as one matmul over its (kh * kw * c_in)-wide patches ("im2col").
 
-  Why: XLA:CPU's convolution is 7-10x slower than this (and its gradient 4-7x) on images of 2x2
-  output pixels, where a 3x3 kernel mostly reads padding: the deepest level of a small UNet (the
-  shapes teacher's 8x8 latents) spent ~20 ms of a 59 ms forward there, where PyTorch takes 2 ms.
+  Why: on images of <= 4 output pixels, where a 3x3 kernel mostly reads padding, XLA:CPU's
+  convolution is 9-12x slower than this and its gradient ~6x (`benchmarks/conv_ops.py`). That is the
+  deepest level of a small UNet (the shapes teacher's 8x8 latents): this path took its forward at
+  batch 32 from 55 to 37 ms (`benchmarks/unet_forward.py --unet=shapes`).
   The patch matrix is (B, Ho, Wo, kh * kw * c_in): at <= 4 output pixels, small."""
   kh, kw = rhs.shape[:2]
   x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
