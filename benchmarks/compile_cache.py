@@ -23,7 +23,7 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from rows import SIZES, row_config  # pylint: disable=wrong-import-position
+from rows import SIZES, abstract_step_args, row_config  # pylint: disable=wrong-import-position
 
 _SIZE = flags.DEFINE_enum("size", "sdxl256", SIZES, "Which row (rows.py).")
 _CACHE = flags.DEFINE_string("cache_dir", "", "An empty folder for the cache (default: a new temporary one).")
@@ -41,13 +41,8 @@ def compile_once(size: str, cache: str) -> dict:
   devices = jax.devices()[:1]
   task = diffusers_task.build_task(config, tempfile.mkdtemp(), devices=devices, materialize=False)
   mesh = sharding.make_mesh((1, 1, 1), devices)
-  b = config.train.batch_size
   with jax.set_mesh(mesh):
-    p = train.plan(task, config, mesh)
-    rows = sharding.process_rows(mesh, b)
-    inputs = sharding.global_batch(task.inputs(0, b, rows), mesh, b, rows)
-    teacher = sharding.with_shardings(task.teacher_params, p.teacher)
-    conditioner = sharding.with_shardings(task.conditioner, p.conditioner)
+    p, teacher, conditioner, inputs = abstract_step_args(task, config, mesh)
     _, times = train.compile_step(train.make_train_step(task, config), p, p.abstract_state, teacher, conditioner,
                                   inputs)
   return times

@@ -34,7 +34,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 from tdm_jax.core import tdm, train  # pylint: disable=wrong-import-position
 from tdm_jax.infra import flops, sharding  # pylint: disable=wrong-import-position
 from tdm_jax.tasks.diffusers import task as diffusers_task  # pylint: disable=wrong-import-position
-from rows import SIZES, Ours, row_config  # pylint: disable=wrong-import-position
+from rows import SIZES, Ours, abstract_step_args, row_config  # pylint: disable=wrong-import-position
 
 _SIZE = flags.DEFINE_enum("size", "shapes", SIZES, "Which row (rows.py).")
 _TORCH = flags.DEFINE_list("torch", ["eager", "compile"], "PyTorch modes: eager, compile.")
@@ -98,11 +98,7 @@ def part_flops(config, devices) -> dict:
   cfg = tdm.TDMConfig.from_config(config.tdm)
   b = config.train.batch_size
   with jax.set_mesh(mesh):
-    p = train.plan(task, config, mesh)
-    rows = sharding.process_rows(mesh, b)
-    inputs = sharding.global_batch(task.inputs(0, b, rows), mesh, b, rows)
-    teacher = sharding.with_shardings(task.teacher_params, p.teacher)
-    conditioner = sharding.with_shardings(task.conditioner, p.conditioner)
+    p, teacher, conditioner, inputs = abstract_step_args(task, config, mesh)
     student = p.abstract_state.student_params
     cond, _ = jax.eval_shape(task.conditioning, conditioner, inputs)
     x = jax.ShapeDtypeStruct((b,) + tuple(task.sample_shape), jnp.float32)

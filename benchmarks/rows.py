@@ -34,6 +34,17 @@ def row_config(size: str, batch_size: int = 0):
   return config
 
 
+def abstract_step_args(task, config, mesh):
+  """(plan, frozen teacher, conditioner, step-0 inputs) of a task built with materialize=False,
+  placed as a run places them: what lowering the step or its parts needs. Call under jax.set_mesh."""
+  p = train.plan(task, config, mesh)
+  b = config.train.batch_size
+  rows = sharding.process_rows(mesh, b)
+  inputs = sharding.global_batch(task.inputs(0, b, rows), mesh, b, rows)
+  return (p, sharding.with_shardings(task.teacher_params, p.teacher),
+          sharding.with_shardings(task.conditioner, p.conditioner), inputs)
+
+
 class Ours:
   """Our compiled TDM step on one device, run iteration by iteration from a fresh state."""
 
