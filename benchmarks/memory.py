@@ -20,6 +20,7 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -28,6 +29,7 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,w
 from tdm_jax.core import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tdm_jax.infra import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tdm_jax.tasks.diffusers import task as diffusers_task  # pylint: disable=g-import-not-at-top,wrong-import-position
+from rows import abstract_step_args  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sdxl.py", "The run's config.")
 _DEVICES = flags.DEFINE_integer("devices", 0, "Devices in the mesh (0: all).")
@@ -73,12 +75,8 @@ def main(_):
   task = diffusers_task.build_task(config, workdir, devices=devices, materialize=False)
   mesh = sharding.make_mesh(config.mesh.shape, devices)
   with jax.set_mesh(mesh):
-    p = train.plan(task, config, mesh)
-    rows = sharding.process_rows(mesh, config.train.batch_size)
-    inputs = sharding.global_batch(task.inputs(0, config.train.batch_size, rows), mesh, config.train.batch_size, rows)
+    p, teacher, conditioner, inputs = abstract_step_args(task, config, mesh)
     setup_s = time.perf_counter() - began
-    teacher = sharding.with_shardings(task.teacher_params, p.teacher)
-    conditioner = sharding.with_shardings(task.conditioner, p.conditioner)
     if _FORWARD.value:
       compiled, times = _teacher_forward(task, p, teacher, conditioner, inputs)
     else:
