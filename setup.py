@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "pillow>=10.0",
     "tensorboardX>=2.6.2",
     "scipy>=1.11",  # the evaluator's Frechet distance (matrix square root)
+    "sentencepiece>=0.2",  # T5 tokenizers from spiece.model (PixArt's tokenizer/ folders)
+    "protobuf>=4.21",  # read by Transformers when it converts a spiece.model
 ]
 
 EXTRAS_REQUIRE = {
@@ -38,9 +40,10 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["tdm_jax", "tdm_jax.*"]),
-    # The shipped shapes teacher (a Diffusers folder), its evaluator and prompt files.
+    # The shipped shapes teachers (SDXL-style and PixArt-style Diffusers folders), the evaluator and prompt files.
     package_data={"tdm_jax": ["assets/shapes/*.txt", "assets/shapes/evaluator/*", "assets/shapes/pipeline/*.json",
-                              "assets/shapes/pipeline/*/*"]},
+                              "assets/shapes/pipeline/*/*", "assets/shapes_pixart/pipeline/*.json",
+                              "assets/shapes_pixart/pipeline/*/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["tdm_jax=tdm_jax.main:entry_point"]},

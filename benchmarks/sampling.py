@@ -30,6 +30,8 @@ import numpy as np  # pylint: disable=wrong-import-position
 from tdm_jax.core import sample  # pylint: disable=wrong-import-position
 from tdm_jax.infra import sharding  # pylint: disable=wrong-import-position
 from tdm_jax.tasks.diffusers import task as diffusers_task  # pylint: disable=wrong-import-position
+from tdm_jax.tasks.diffusers import weights  # pylint: disable=wrong-import-position
+from tdm_jax.tasks.diffusers.description import describe  # pylint: disable=wrong-import-position
 from rows import SIZES, row_config  # pylint: disable=wrong-import-position
 
 _SIZE = flags.DEFINE_enum("size", "shapes", SIZES, "Which row (rows.py).")
@@ -68,8 +70,8 @@ def main(_):
     teacher = task.teacher_params
     student = teacher
     if choices:  # the unified student's tree: the UNet plus its K table (zeros: timing does not care)
-      unet_config = diffusers_task.components(config, workdir).unet_config
-      student = {**teacher, **diffusers_task.step_table(unet_config, choices)}
+      files, _ = weights.pipeline_files(config, workdir)
+      student = {**teacher, **diffusers_task.step_table(describe(files), choices)}
     apply = task.student_apply or task.apply
     z = jax.random.normal(jax.random.key(0), (b,) + tuple(task.sample_shape), jnp.float32)
     t = jnp.full((b,), 999, jnp.int32)

@@ -245,7 +245,7 @@ class TorchTDM:
     rows = max(self.cfg.all_step_counts) + 1
     if self.lora:
       scale = float(config.model.lora_alpha or self.lora) / self.lora
-      patterns = [re.compile(p) for p in config.model.lora_targets]
+      patterns = [re.compile(p) for p in (config.model.lora_targets or lora_lib.DEFAULT_TARGETS)]
       self.adapted = {}
       for name, module in list(teacher.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -333,11 +333,11 @@ class TorchTDM:
       pooled = next(o.text_embeds for o in outs if hasattr(o, "text_embeds") and o.text_embeds is not None)
       return {"encoder_hidden_states": torch.cat([o.hidden_states[-2] for o in outs], dim=-1).float(),
               "text_embeds": pooled.float(), "time_ids": _time_ids(len(ids_list[0]), self.resolution)}
-    cond = encode(inputs["ids"])
+    cond = encode([t["ids"] for t in inputs["prompt"]])
     if self.frozen.force_zeros:
       uncond = {k: (v if k == "time_ids" else torch.zeros_like(v)) for k, v in cond.items()}
     else:
-      uncond = encode(inputs["negative_ids"])
+      uncond = encode([t["ids"] for t in inputs["negative"]])
     return cond, uncond
 
   # -- the iteration -----------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from a config file or a `--config.a.b=...` override.
 
 import ml_collections
 
-from tdm_jax.core import lora
 from tdm_jax.infra import sharding
 
 
@@ -102,9 +101,10 @@ def diffusers_config(**model) -> ml_collections.ConfigDict:
         attention="auto",  # cuDNN flash attention on GPUs, blocked attention on CPU, plain for short sequences
         remat=True,
         # LoRA: student and fake score are adapters over the one frozen teacher (lora_rank 0: full
-        # float32 copies of the UNet, for small models). Targets are regexes over parameter paths.
+        # float32 copies of the denoiser, for small models). Targets are regexes over parameter paths;
+        # () takes the denoiser family's own (attention projections and feed-forward kernels).
         lora_rank=0, lora_alpha=0.0,  # alpha 0: alpha = rank (scale 1)
-        lora_targets=lora.DEFAULT_TARGETS))
+        lora_targets=()))
     config.model.update(model)
     # S = the teacher's num_train_timesteps (1000 for SD and SDXL): a stock DDIM scheduler with "trailing"
     # spacing then gives the student's timesteps (999/749/499/249 for K = 4), so the exported student

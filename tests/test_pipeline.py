@@ -1,4 +1,4 @@
-"""`tdm_jax.tasks.diffusers.pipeline` equals Diffusers' pipelines on tiny random SDXL and SD 1.5 folders.
+"""`tdm_jax.tasks.diffusers.prompts` equals Diffusers' pipelines on tiny random SDXL and SD 1.5 folders.
 
 Prompt -> embeddings (both encoders, pooled, negatives, zeros for empty negatives), SDXL's
 add_time_ids, and one UNet call on the embeddings, all against the pipeline's own code.
@@ -20,7 +20,8 @@ transformers = pytest.importorskip("transformers")
 from tdm_jax.convert import folders  # pylint: disable=g-import-not-at-top
 from tdm_jax.convert.unet import unet_params_from_state_dict  # pylint: disable=g-import-not-at-top
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig  # pylint: disable=g-import-not-at-top
-from tdm_jax.tasks.diffusers import pipeline  # pylint: disable=g-import-not-at-top
+from tdm_jax.tasks.diffusers import prompts, text_encoders  # pylint: disable=g-import-not-at-top
+from tdm_jax.tasks.diffusers.weights import load_prompt_encoder  # pylint: disable=g-import-not-at-top
 
 import tiny_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-order
 
@@ -54,7 +55,7 @@ def sd15(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sdxl_encoder(sdxl):
-  return pipeline.load_prompt_encoder(sdxl[0])
+  return load_prompt_encoder(sdxl[0])
 
 
 # ----------------------------------------------------------------------------- the folder itself
@@ -67,7 +68,7 @@ def test_tokenizers_load_both_ways(sdxl):
   reference = tiny_pipeline.make_tokenizer()
   want = reference(PROMPTS, padding="max_length", max_length=tiny_pipeline.MAX_LENGTH, truncation=True).input_ids
   for name in ("tokenizer", "tokenizer_2"):
-    ours = pipeline.load_tokenizer(os.path.join(folder, name))
+    ours = text_encoders.load_clip_tokenizer(os.path.join(folder, name))
     theirs = getattr(pipe, name)
     assert ours.model_max_length == theirs.model_max_length == tiny_pipeline.MAX_LENGTH, name
     got = ours(PROMPTS, padding="max_length", max_length=tiny_pipeline.MAX_LENGTH, truncation=True).input_ids
@@ -79,16 +80,16 @@ def test_tokenizers_load_both_ways(sdxl):
       assert row_got[:end] == row_want[:end], name
     # The vocabulary really is used (no unknown tokens): "red" is one merged token.
     assert ours.tokenize("a red circle")[:2] == ["a</w>", "red</w>"], name
-  pad_2 = pipeline.load_tokenizer(os.path.join(folder, "tokenizer_2")).pad_token
+  pad_2 = text_encoders.load_clip_tokenizer(os.path.join(folder, "tokenizer_2")).pad_token
   assert pad_2 == "!"
 
 
 def test_encoder_kinds(sdxl, sdxl_encoder, sd15):
   assert sdxl_encoder.kind == "sdxl" and len(sdxl_encoder.encoders) == 2
   assert sdxl_encoder.force_zeros_for_empty_prompt
-  assert [e.model.config.with_projection for e in sdxl_encoder.encoders] == [False, True]
+  assert [e.module.config.with_projection for e in sdxl_encoder.encoders] == [False, True]
   assert sdxl_encoder.image_size == (16, 16)  # unet sample_size 8 * vae scale factor 2
-  sd = pipeline.load_prompt_encoder(sd15[0])
+  sd = load_prompt_encoder(sd15[0])
   assert sd.kind == "sd" and len(sd.encoders) == 1 and not sd.force_zeros_for_empty_prompt
 
 
@@ -146,7 +147,7 @@ def test_sdxl_add_time_ids(sdxl, sdxl_encoder):
   assert cond["time_ids"].dtype == np.float32
   np.testing.assert_array_equal(np.asarray(cond["time_ids"]), theirs)
   np.testing.assert_array_equal(theirs[0], [16, 16, 0, 0, 16, 16])
-  np.testing.assert_array_equal(pipeline.sdxl_time_ids(1, (768, 512), (16, 32), (1024, 1024)),
+  np.testing.assert_array_equal(prompts.sdxl_time_ids(1, (768, 512), (16, 32), (1024, 1024)),
                                 [[768, 512, 16, 32, 1024, 1024]])
   # Another image size gives the pipeline's time ids for that size.
   big = dataclasses.replace(sdxl_encoder, image_size=(1024, 768))
@@ -156,7 +157,7 @@ def test_sdxl_add_time_ids(sdxl, sdxl_encoder):
 
 
 def test_image_size_argument(sdxl):
-  encoder = pipeline.load_prompt_encoder(sdxl[0], image_size=(1024, 1024))
+  encoder = load_prompt_encoder(sdxl[0], image_size=(1024, 1024))
   assert encoder.image_size == (1024, 1024)
 
 
@@ -181,7 +182,7 @@ def test_sdxl_refiner_style_folder(sdxl, tmp_path):
   _edit_index(folder, text_encoder=[None, None], tokenizer=[None, None])
   shutil.rmtree(os.path.join(folder, "text_encoder"))
   shutil.rmtree(os.path.join(folder, "tokenizer"))
-  encoder = pipeline.load_prompt_encoder(folder)
+  encoder = load_prompt_encoder(folder)
   assert encoder.kind == "sdxl" and len(encoder.encoders) == 1
   refiner = diffusers.StableDiffusionXLPipeline(
       vae=pipe.vae, text_encoder=None, tokenizer=None, text_encoder_2=pipe.text_encoder_2,
@@ -243,7 +244,7 @@ def test_sdxl_unet_call(sdxl, sdxl_encoder):
 
 def test_sd15_prompt_embeddings_and_unet_call(sd15):
   folder, pipe = sd15
-  encoder = pipeline.load_prompt_encoder(folder)
+  encoder = load_prompt_encoder(folder)
   with torch.no_grad():
     embeds, neg_embeds = pipe.encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1,
                                             do_classifier_free_guidance=True)
@@ -287,7 +288,7 @@ def test_missing_text_encoder_2(sdxl, tmp_path):
   folder = _copy(sdxl[0], tmp_path, "no_te2")
   shutil.rmtree(os.path.join(folder, "text_encoder_2"))
   with pytest.raises(folders.FolderError, match="text_encoder_2"):
-    pipeline.load_prompt_encoder(folder)
+    load_prompt_encoder(folder)
 
 
 def test_tokenizer_without_vocab(sdxl, tmp_path):
@@ -297,7 +298,7 @@ def test_tokenizer_without_vocab(sdxl, tmp_path):
       os.remove(os.path.join(folder, name, f))
     path = os.path.join(folder, name)
     with pytest.raises(folders.FolderError) as e:
-      pipeline.load_prompt_encoder(folder)
+      load_prompt_encoder(folder)
     assert path in str(e.value), str(e.value)
 
 
@@ -305,7 +306,7 @@ def test_missing_tokenizer_folder(sd15, tmp_path):
   folder = _copy(sd15[0], tmp_path, "no_tok")
   shutil.rmtree(os.path.join(folder, "tokenizer"))
   with pytest.raises(folders.FolderError, match="tokenizer"):
-    pipeline.load_prompt_encoder(folder)
+    load_prompt_encoder(folder)
 
 
 def test_sdxl_index_without_text_encoder_2(sdxl, tmp_path):
@@ -313,4 +314,4 @@ def test_sdxl_index_without_text_encoder_2(sdxl, tmp_path):
   folder = _copy(sdxl[0], tmp_path, "null_te2")
   _edit_index(folder, text_encoder_2=[None, None])
   with pytest.raises(folders.FolderError, match="text_encoder_2"):
-    pipeline.load_prompt_encoder(folder)
+    load_prompt_encoder(folder)

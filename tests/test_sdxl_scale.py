@@ -20,6 +20,8 @@ from tdm_jax.core import lora, tdm, train
 from tdm_jax.infra import sharding
 from tdm_jax.infra.checkpoint import CheckpointError
 from tdm_jax.tasks.diffusers import task as diffusers_task
+from tdm_jax.tasks.diffusers.build import abstract_trees
+from tdm_jax.tasks.diffusers.description import describe
 
 MIN_SHARD = 256  # the tiny model's leaves are small: shard everything from 256 elements up
 
@@ -156,13 +158,14 @@ def test_sdxl_reference_placement_on_eight_devices():
   both text encoders, the adapters and Adam; the per-device share is an eighth of the whole."""
   from configs import sdxl  # pylint: disable=g-import-not-at-top
   config = sdxl.get_config()
-  c = diffusers_task.components(config, "/nonexistent-workdir")
+  d = describe(diffusers_task.reference_folder(config))
+  abstract, axes = abstract_trees(d)
   mesh = sharding.make_mesh(config.mesh.shape)
   bf16 = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), tree)
-  task = train.Task(apply=None, teacher_params=bf16(c.abstract["unet"]), schedule=None, sample_shape=(4, 64, 64),
-                    batch=None, lora=diffusers_task.lora_config(config), param_axes=c.axes["unet"],
-                    conditioner={k: bf16(v) for k, v in c.abstract.items() if k != "unet"},
-                    conditioner_axes={k: v for k, v in c.axes.items() if k != "unet"})
+  task = train.Task(apply=None, teacher_params=bf16(abstract["unet"]), schedule=None, sample_shape=(4, 64, 64),
+                    batch=None, lora=diffusers_task.lora_config(config, d), param_axes=axes["unet"],
+                    conditioner={k: bf16(v) for k, v in abstract.items() if k != "unet"},
+                    conditioner_axes={k: v for k, v in axes.items() if k != "unet"})
   p = train.plan(task, config, mesh)
   placed = lambda tree, s: sharding.with_shardings(tree, s)
   base, text, state = placed(task.teacher_params, p.teacher), placed(task.conditioner, p.conditioner), p.abstract_state
@@ -235,7 +238,7 @@ def test_shape_only_pipeline_gets_random_weights_in_their_shards(tiny, tmp_path)
   kernel = np.asarray(task.teacher_params["conv_in"]["kernel"])
   assert 0.05 < kernel.std() < 0.5  # N(0, 1/fan_in), fan_in = 3 * 3 * 4
   inputs = task.batch(0, 8)
-  assert inputs["ids"][0].shape == (8, tiny_pipeline.MAX_LENGTH)  # stand-in tokenizer ids, no prompt file
+  assert inputs["prompt"][0]["ids"].shape == (8, tiny_pipeline.MAX_LENGTH)  # stand-in tokenizer ids, no prompt file
   cond, uncond = task.conditioning(task.conditioner, inputs)
   assert cond["encoder_hidden_states"].shape == (8, tiny_pipeline.MAX_LENGTH, 32 + 64)
   assert np.all(np.isfinite(np.asarray(cond["text_embeds"]))) and not np.any(np.asarray(uncond["text_embeds"]))

@@ -9,14 +9,14 @@ import pytest
 
 from conftest import REPO
 from tdm_jax.convert import folders
-from tdm_jax.convert.pipeline import convert_pipeline
 from tdm_jax.core import sample
 from tdm_jax.core.schedules import from_diffusers_config
 from tdm_jax.infra import data
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from tdm_jax.models.vae import AutoencoderKL, VAEConfig
-from tdm_jax.tasks.diffusers import pipeline
-from tdm_jax.tasks.diffusers.task import unet_apply
+from tdm_jax.tasks.diffusers import text_encoders
+from tdm_jax.tasks.diffusers.backbones.unet import unet_apply
+from tdm_jax.tasks.diffusers.weights import convert_pipeline, load_prompt_encoder
 from tdm_jax.tasks.shapes import data as shapes_data
 from tdm_jax.tasks.shapes import evaluator
 from tdm_jax.tasks.shapes import teacher as shapes_teacher
@@ -34,7 +34,7 @@ def test_shipped_folder_is_a_small_sdxl_pipeline():
   unet = folders.read_config(folders.component_path(PIPELINE, "unet"))
   assert unet["addition_embed_type"] == "text_time"
   for name in ("tokenizer", "tokenizer_2"):  # the Transformers tokenizer format, one token per caption word
-    tokenizer = pipeline.load_tokenizer(folders.component_path(PIPELINE, name))
+    tokenizer = text_encoders.load_clip_tokenizer(folders.component_path(PIPELINE, name))
     ids = tokenizer(PROMPTS[1]).input_ids
     assert len(ids) == len(PROMPTS[1].split()) + 2 and tokenizer.unk_token_id not in ids[1:-1]
   assert len(data.read_prompts(shapes_teacher.SHIPPED_TRAIN_PROMPTS)) >= 1000
@@ -56,7 +56,7 @@ def test_diffusers_pipeline_makes_the_images_our_sampler_makes(scheduler):
                 output_type="np").images
 
   trees = convert_pipeline(PIPELINE)
-  cond, uncond = pipeline.load_prompt_encoder(PIPELINE)(PROMPTS)
+  cond, uncond = load_prompt_encoder(PIPELINE)(PROMPTS)
   model = UNet2DConditionModel(UNetConfig.from_dict(folders.read_config(folders.component_path(PIPELINE, "unet"))))
   schedule = from_diffusers_config(scheduler_config)
   solver = "ddim" if scheduler == "DDIMScheduler" else "dpm_solver_2m"

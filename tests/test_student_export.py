@@ -22,7 +22,10 @@ from tdm_jax.convert import student as student_io
 from tdm_jax.core import lora, sample, train
 from tdm_jax.infra import sharding
 from tdm_jax.models.vae import AutoencoderKL, VAEConfig
+from tdm_jax.convert import unet as unet_io
+from tdm_jax.tasks.diffusers import prompts
 from tdm_jax.tasks.diffusers import task as diffusers_task
+from tdm_jax.tasks.diffusers.description import describe
 
 CHOICES = (1, 2, 4)  # configs/sdxl.py's
 
@@ -32,7 +35,8 @@ def _our_images(config, workdir, task, params, z, num_steps):
   converted = os.path.join(workdir, "converted")
   files = os.path.join(converted, "pipeline")
   trees = pipeline_io.load_converted(converted)
-  cond, _ = diffusers_task.prompt_encoder(files, trees, config.model.resolution)(list(SDXL_PROMPTS))
+  side = config.model.resolution
+  cond, _ = prompts.PromptEncoder.from_description(describe(files), trees, (side, side))(list(SDXL_PROMPTS))
   latents = sample.student_sample(task.student_apply, params, task.schedule, jnp.asarray(z), cond,
                                   num_steps=num_steps, total_steps=config.tdm.total_steps, step_conditioning=True)
   vae = AutoencoderKL(VAEConfig.from_dict(folders.read_config(os.path.join(files, "vae"))))
@@ -50,7 +54,7 @@ def test_unified_student_and_fake_score_start_equal_to_the_teacher(distilled_sdx
   mesh = sharding.make_mesh(config.mesh.shape)
   with jax.set_mesh(mesh):
     fresh = train.initial_state(task, config, train.plan(task, config, mesh), task.teacher_params)
-  table = fresh.student_params[student_io.STEP_EMBEDDING]["embedding"]
+  table = fresh.student_params[unet_io.STEP_EMBEDDING]["embedding"]
   table = table[lora.FULL] if lora_rank else table
   assert table.shape[0] == max(CHOICES) + 1 and float(jnp.abs(table).max()) == 0.0
   cond, _ = task.conditioning(task.conditioner, task.batch(0, 2))
@@ -107,13 +111,13 @@ def test_step_table_folds_into_the_time_embedding_exactly():
   rng = np.random.default_rng(0)
   params = {"time_embedding": {"linear_1": {"kernel": rng.standard_normal((8, 16))},
                                "linear_2": {"kernel": rng.standard_normal((16, 16)), "bias": rng.standard_normal(16)}},
-            student_io.STEP_EMBEDDING: {"embedding": rng.standard_normal((5, 16))}}
-  folded, config = student_io.fold_step_embedding(params, {"num_class_embeds": 5, "sample_size": 8}, 4)
-  assert student_io.STEP_EMBEDDING not in folded and config == {"sample_size": 8}
-  want = params["time_embedding"]["linear_2"]["bias"] + params[student_io.STEP_EMBEDDING]["embedding"][4]
+            unet_io.STEP_EMBEDDING: {"embedding": rng.standard_normal((5, 16))}}
+  folded, config = unet_io.fold_step_embedding(params, {"num_class_embeds": 5, "sample_size": 8}, 4)
+  assert unet_io.STEP_EMBEDDING not in folded and config == {"sample_size": 8}
+  want = params["time_embedding"]["linear_2"]["bias"] + params[unet_io.STEP_EMBEDDING]["embedding"][4]
   np.testing.assert_allclose(folded["time_embedding"]["linear_2"]["bias"], want, rtol=1e-6)
   with pytest.raises(ValueError, match="cannot fold K=5"):
-    student_io.fold_step_embedding(params, {}, 5)
+    unet_io.fold_step_embedding(params, {}, 5)
 
 
 def test_a_total_step_count_no_stock_scheduler_reproduces_is_named():
@@ -134,7 +138,10 @@ def test_sample_mode_writes_each_samplers_images_and_a_grid(distilled_sdxl):
   assert all(len(os.listdir(os.path.join(out, n))) == 3 for n in folders_made)
   from PIL import Image  # pylint: disable=g-import-not-at-top
   grid = np.asarray(Image.open(os.path.join(out, "grid.png")))
-  assert grid.shape[:2] == (4 * 16 + 3 * 2, 3 * 16 + 2 * 2)  # a row per sampler, a column per prompt
+  # A row per sampler, its name written in a label column to the left of a column per prompt.
+  label = grid.shape[1] - (3 * 16 + 2 * 2)
+  assert grid.shape[0] == 4 * 16 + 3 * 2 and label > 40
+  assert (grid[:16, :label] < 128).any() and (grid[:16, label:label + 16] != 255).any()
   with pytest.raises(ValueError, match="no prompts"):
     tdm_main.run(config, workdir, "sample", [])
   config.sample.student_steps = (8,)

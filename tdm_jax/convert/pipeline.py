@@ -1,5 +1,8 @@
-"""Whole pipeline folders: Diffusers folder -> converted Flax trees (an orbax checkpoint), and a
-distilled UNet -> a Diffusers `unet/` folder (or a whole pipeline folder) that Diffusers loads.
+"""Whole pipeline folders as files: converted Flax trees kept as an orbax checkpoint beside the
+pipeline's small files, and whole pipeline folders written back for Diffusers to load.
+
+Which component is which kind of model (and so which converter reads or writes it) is the caller's
+knowledge (`tasks/diffusers/description.py`); this module only moves files and trees.
 
 The converted checkpoint sits beside a copy of the pipeline's small files (model_index.json,
 configs, tokenizers, scheduler), so later runs need neither the original folder nor a second
@@ -11,49 +14,18 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tdm_jax.convert import folders
-from tdm_jax.convert.clip import clip_params_from_state_dict, clip_state_dict_from_params
-from tdm_jax.convert.unet import unet_params_from_state_dict, unet_state_dict_from_params
-from tdm_jax.convert.vae import vae_params_from_state_dict, vae_state_dict_from_params
 from tdm_jax.infra.checkpoint import Checkpointer
 from tdm_jax.infra.errors import MissingFileError
-from tdm_jax.models.clip import ClipConfig
 
 PyTree = Any
-MODEL_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")
 CONVERTED_STEP = 0
-
-
-def present_components(folder: str) -> list:
-  """The model components model_index.json lists (and that are not null), in a fixed order."""
-  index = folders.read_model_index(folder)
-  return [name for name in MODEL_COMPONENTS
-          if name in index and isinstance(index[name], (list, tuple)) and index[name][0] is not None]
-
-
-def convert_component(folder: str, name: str, *, variant: Optional[str] = None, allow_pickle: bool = False):
-  """One component's weights as our parameter tree (numpy leaves), checked name by name."""
-  path = folders.component_path(folder, name)
-  config = folders.read_config(path)
-  state = folders.load_state_dict(path, variant=variant, allow_pickle=allow_pickle)
-  if name == "unet":
-    return unet_params_from_state_dict(state, config)
-  if name == "vae":
-    return vae_params_from_state_dict(state, config)
-  return clip_params_from_state_dict(state, ClipConfig.from_dict(config))
-
-
-def convert_pipeline(folder: str, *, variant: Optional[str] = None, allow_pickle: bool = False) -> dict:
-  """{component: params} for every model component of a pipeline folder."""
-  return {name: convert_component(folder, name, variant=variant, allow_pickle=allow_pickle)
-          for name in present_components(folder)}
 
 
 def _copy_small_files(folder: str, out: str) -> None:
@@ -67,13 +39,13 @@ def _copy_small_files(folder: str, out: str) -> None:
       shutil.copy2(os.path.join(root, filename), os.path.join(out, rel, filename))
 
 
-def save_converted(folder: str, out_dir: str, *, variant: Optional[str] = None, allow_pickle: bool = False) -> dict:
-  """Converts `folder` into `out_dir` (params as an orbax checkpoint, plus `pipeline/` small files).
+def save_converted(folder: str, out_dir: str, params: dict) -> dict:
+  """Writes converted `params` ({component: tree}) of `folder` into `out_dir` (an orbax checkpoint,
+  plus `pipeline/`: the folder's small files).
 
   Atomic: the pipeline files are written to a temporary folder and renamed, and orbax commits its
   checkpoint by rename, so an interrupted conversion leaves nothing that looks complete.
   """
-  params = convert_pipeline(folder, variant=variant, allow_pickle=allow_pickle)
   os.makedirs(out_dir, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=".pipeline-", dir=out_dir)
   _copy_small_files(folder, staging)
@@ -111,39 +83,19 @@ def load_converted(out_dir: str, sharding=None, dtype=None) -> dict:
     checkpointer.close()
 
 
-def export_component(name: str, params: PyTree, config: dict, out_dir: str, *, dtype=np.float32) -> str:
-  """Writes one component's Diffusers/Transformers folder (config.json + safetensors) from our tree."""
-  params = jax.device_get(params)
-  weights_name = "diffusion_pytorch_model.safetensors"
-  if name == "unet":
-    state = unet_state_dict_from_params(params, config)
-  elif name == "vae":
-    state = vae_state_dict_from_params(params, config)
-  else:
-    state = clip_state_dict_from_params(params, ClipConfig.from_dict(config))
-    weights_name = "model.safetensors"
-  state = {k: np.asarray(v, dtype) for k, v in state.items()}
-  folders.save_state_dict(out_dir, state, config, weights_name=weights_name)
-  return out_dir
-
-
-def export_unet(params: PyTree, unet_config: dict, out_dir: str, *, dtype=np.float32) -> str:
-  """A Diffusers `unet/` folder for our UNet tree: `UNet2DConditionModel.from_pretrained` loads it."""
-  return export_component("unet", params, unet_config, out_dir, dtype=dtype)
-
-
-def export_pipeline(pipeline_files: str, trees: dict, out_dir: str, *, dtype=np.float32, configs=None,
-                    shared_from: Optional[str] = None) -> str:
+def export_pipeline(pipeline_files: str, trees: dict, out_dir: str, write_component: Callable, *,
+                    components: Sequence[str], configs=None, shared_from: Optional[str] = None) -> str:
   """A whole pipeline folder from the small files of `pipeline_files` and our trees per component.
 
-  `trees` maps component names (unet, text_encoder, text_encoder_2, vae) to parameter trees; pass
-  the distilled student as "unet". `configs` replaces components' configs (e.g. the student's UNet;
-  "scheduler" also names its class in model_index.json). `shared_from`: an exported pipeline whose
-  other model components this one links to instead of writing them again (GBs at SDXL's size).
-  Written to a temporary folder and renamed when complete.
+  `trees` maps model components (`components`: the pipeline's, e.g. unet, text_encoder, vae) to
+  parameter trees; pass the distilled student under its denoiser's name. `write_component(name,
+  params, config, folder)` writes one (`PipelineDescription.write_component`). `configs` replaces
+  components' configs (e.g. the student's; "scheduler" also names its class in model_index.json).
+  `shared_from`: an exported pipeline whose other model components this one links to instead of
+  writing them again (GBs at SDXL's size). Written to a temporary folder and renamed when complete.
   """
   configs = dict(configs or {})
-  missing = [name for name in present_components(pipeline_files) if name not in trees]
+  missing = [name for name in components if name not in trees]
   if missing and shared_from is None:
     raise ValueError(f"no parameters given for the pipeline components {missing}")
   parent = os.path.dirname(os.path.abspath(out_dir))
@@ -158,7 +110,7 @@ def export_pipeline(pipeline_files: str, trees: dict, out_dir: str, *, dtype=np.
                  os.path.join(staging, name))
     for name, params in trees.items():
       config = configs.get(name) or folders.read_config(folders.component_path(pipeline_files, name))
-      export_component(name, params, config, os.path.join(staging, name), dtype=dtype)
+      write_component(name, params, config, os.path.join(staging, name))
     if "scheduler" in configs:
       folders.write_json(os.path.join(staging, "scheduler", "scheduler_config.json"), configs["scheduler"])
       index = folders.read_model_index(staging)

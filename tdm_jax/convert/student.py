@@ -1,16 +1,17 @@
 """What an exported TDM student needs so that a stock Diffusers call samples it right.
 
-Stock pipelines call `scheduler.set_timesteps(K)` and add classifier-free guidance (SDXL's default
-5) unless the UNet declares `time_cond_proj_dim`, LCM's guidance embedding. A TDM student has its
-guidance distilled in and was trained on tau_j = S - 1 - j S / K only. So the exported folder gets:
+Stock pipelines call `scheduler.set_timesteps(K)` and add classifier-free guidance unless told
+otherwise. A TDM student has its guidance distilled in and was trained on tau_j = S - 1 - j S / K
+only. So every exported folder gets (what is family-specific, the backbone's `guidance_free` and
+`fold_steps`, lives in `tasks/diffusers/backbones/`):
 
 - a DDIMScheduler config with "trailing" spacing, steps_offset 0 and set_alpha_to_one. With
   S = the teacher's num_train_timesteps, its `set_timesteps(K)` gives exactly tau_j, each DDIM step
   lands on tau_{j+1}, and the last returns the clean estimate: our `sample.student_sample`;
-- `time_cond_proj_dim` with an all-zero projection: pipelines skip CFG, and the guidance embedding
-  they pass in adds exactly zero;
-- for a unified student (tdm.step_choices), one folder per K whose K's step embedding is folded
-  into the bias of the time embedding's last layer (exact: the embedding is added right after it);
+- where the family has a slot for it, a way for pipelines to skip CFG (a UNet's `time_cond_proj_dim`
+  with an all-zero projection); PixArt pipelines have none and are called with guidance_scale=1;
+- for a unified student (tdm.step_choices), one folder per K with K's step embedding folded into
+  the network (exact), since stock pipelines pass no step count;
 - `tdm_student.json`: the step counts it was trained for and their timesteps, which
   `check_folder` compares with the folder's scheduler before our own tools sample it.
 """
@@ -19,26 +20,34 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping, Sequence, Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from tdm_jax.core import tdm
-from tdm_jax.core.schedules import sampling_timesteps
+from tdm_jax.core.schedules import betas_from_config, sampling_timesteps
 from tdm_jax.infra.errors import ConfigError
 
-GUIDANCE_EMBED_DIM = 256  # LCM-SDXL's time_cond_proj_dim
 METADATA = "tdm_student.json"
-STEP_EMBEDDING = "class_embedding"  # the unified student's table, Diffusers' class embedding
 # Keys of the teacher's scheduler config that define its noise schedule.
 _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                   "prediction_type", "rescale_betas_zero_snr")
 
 
-def scheduler_config(teacher: Mapping[str, Any]) -> dict:
-  """The student's DDIMScheduler config: the teacher's noise schedule, the student's step grid."""
+def scheduler_config(teacher: Mapping[str, Any], total_steps: Optional[int] = None) -> dict:
+  """The student's DDIMScheduler config: the teacher's noise schedule, the student's step grid.
+
+  With S = `total_steps` below the teacher's num_train_timesteps (the PixArt demo's S = 900), the
+  schedule is written as its first S betas (`trained_betas`, num_train_timesteps S): alphabar is the
+  teacher's at every t < S, and "trailing" spacing over S steps gives the student's tau_j = S - 1 - j S / K,
+  so a stock `set_timesteps(K)` still lands on them."""
   out = {"_class_name": "DDIMScheduler"}
   out.update({k: teacher[k] for k in _SCHEDULE_KEYS if k in teacher})
+  n_train = int(teacher.get("num_train_timesteps", 1000))
+  if total_steps is not None and total_steps < n_train:
+    betas = betas_from_config(teacher)[:total_steps]
+    out.update(trained_betas=[float(np.float32(b)) for b in betas], num_train_timesteps=int(total_steps),
+               rescale_betas_zero_snr=False)
   out.update(timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True, clip_sample=False,
              thresholding=False)
   return out
@@ -72,39 +81,6 @@ def mismatched_counts(config: Mapping[str, Any], total_steps: int, step_counts: 
   """The step counts K at which a stock call with this scheduler config would not sample the student."""
   same = lambda k: all(np.array_equal(a, b) for a, b in zip(student_grid(total_steps, k), ddim_timesteps(config, k)))
   return [int(k) for k in step_counts if not (_plain_ddim(config) and same(k))]
-
-
-def guidance_free(params: Mapping[str, Any], unet_config: Mapping[str, Any]):
-  """(params, config) of a UNet that stock pipelines run without CFG: LCM's `time_cond_proj_dim`
-  with an all-zero projection, so the guidance embedding they pass changes nothing."""
-  params = dict(params)
-  embedding = dict(params["time_embedding"])
-  width = int(np.shape(embedding["linear_1"]["kernel"])[0])
-  embedding["cond_proj"] = {"kernel": np.zeros((GUIDANCE_EMBED_DIM, width), np.float32)}
-  params["time_embedding"] = embedding
-  return params, {**unet_config, "time_cond_proj_dim": GUIDANCE_EMBED_DIM}
-
-
-def step_row(table, num_steps: int) -> np.ndarray:
-  """Row K of a unified student's step table (float32), or an error naming the rows it has."""
-  table = np.asarray(table, np.float32)
-  if not 0 <= num_steps < table.shape[0]:
-    raise ConfigError(f"the student's step table has rows 0..{table.shape[0] - 1}; cannot fold K={num_steps}")
-  return table[num_steps]
-
-
-def fold_step_embedding(params: Mapping[str, Any], unet_config: Mapping[str, Any], num_steps: int):
-  """(params, config) of the unified student fixed at K = num_steps: row K of its step table added
-  to the time embedding's output bias, the table and `num_class_embeds` removed."""
-  params = dict(params)
-  row = step_row(params.pop(STEP_EMBEDDING)["embedding"], num_steps)
-  embedding = dict(params["time_embedding"])
-  last = dict(embedding["linear_2"])
-  last["bias"] = np.asarray(last["bias"], np.float32) + row
-  embedding["linear_2"] = last
-  params["time_embedding"] = embedding
-  config = {k: v for k, v in unet_config.items() if k != "num_class_embeds"}
-  return params, config
 
 
 def write_metadata(folder: str, total_steps: int, step_counts: Sequence[int]) -> None:

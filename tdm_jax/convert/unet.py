@@ -153,3 +153,43 @@ def unet_state_dict_from_params(params: Mapping[str, Any],
     leaf = "weight" if path[-1] in _WEIGHTS else path[-1]
     out[diffusers_name(path[:-1] + (leaf,))] = _to_torch(path, np.asarray(jax.device_get(value)))
   return out
+
+
+# --- what a TDM student's UNet becomes in an exported folder ------------------------------------
+
+GUIDANCE_EMBED_DIM = 256  # LCM-SDXL's time_cond_proj_dim
+STEP_EMBEDDING = "class_embedding"  # the unified student's K table: Diffusers' class embedding slot
+
+
+def guidance_free(params: Mapping[str, Any], unet_config: Mapping[str, Any]):
+  """(params, config) of a UNet that stock pipelines run without CFG: LCM's `time_cond_proj_dim`
+  with an all-zero projection, so the guidance embedding they pass changes nothing."""
+  params = dict(params)
+  embedding = dict(params["time_embedding"])
+  width = int(np.shape(embedding["linear_1"]["kernel"])[0])
+  embedding["cond_proj"] = {"kernel": np.zeros((GUIDANCE_EMBED_DIM, width), np.float32)}
+  params["time_embedding"] = embedding
+  return params, {**unet_config, "time_cond_proj_dim": GUIDANCE_EMBED_DIM}
+
+
+def step_row(table, num_steps: int) -> np.ndarray:
+  """Row K of a unified student's step table (float32), or an error naming the rows it has."""
+  table = np.asarray(table, np.float32)
+  if not 0 <= num_steps < table.shape[0]:
+    raise ConversionError(f"the student's step table has rows 0..{table.shape[0] - 1}; cannot fold K={num_steps}")
+  return table[num_steps]
+
+
+def fold_step_embedding(params: Mapping[str, Any], unet_config: Mapping[str, Any], num_steps: int):
+  """(params, config) of the unified student fixed at K = num_steps: row K of its step table added
+  to the time embedding's output bias (exact: Diffusers adds the class embedding right after it),
+  the table and `num_class_embeds` removed."""
+  params = dict(params)
+  row = step_row(params.pop(STEP_EMBEDDING)["embedding"], num_steps)
+  embedding = dict(params["time_embedding"])
+  last = dict(embedding["linear_2"])
+  last["bias"] = np.asarray(last["bias"], np.float32) + row
+  embedding["linear_2"] = last
+  params["time_embedding"] = embedding
+  config = {k: v for k, v in unet_config.items() if k != "num_class_embeds"}
+  return params, config

@@ -120,3 +120,27 @@ def save_pixel_grid(pixels, path: str, columns: int, upscale: int = 1, pad: int 
     r, col = divmod(i, columns)
     grid[r * (h + pad):r * (h + pad) + h, col * (w + pad):col * (w + pad) + w] = image
   Image.fromarray(grid if c == 3 else grid[..., 0]).save(path)
+
+
+def save_labelled_grid(rows, path: str, upscale: int = 1, pad: int = 0) -> None:
+  """A PNG grid with one row per (label, uint8 NHWC images) pair and the label written to its left,
+  so that a reader can tell which row is which sampler."""
+  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
+  rows = [(label, np.asarray(pixels)) for label, pixels in rows]
+  columns = max(len(p) for _, p in rows)
+  font = ImageFont.load_default()
+  draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  label_width = max(int(draw.textlength(label, font=font)) for label, _ in rows) + 8
+  h, w = (s * upscale for s in rows[0][1].shape[1:3])
+  row_height = max(h, 12)
+  grid = Image.new("RGB", (label_width + columns * (w + pad), len(rows) * (row_height + pad) - pad), "white")
+  canvas = ImageDraw.Draw(grid)
+  for r, (label, pixels) in enumerate(rows):
+    top = r * (row_height + pad)
+    canvas.text((4, top + max(0, (row_height - 11) // 2)), label, fill="black", font=font)
+    if upscale > 1:
+      pixels = pixels.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    for c, image in enumerate(pixels):
+      tile = Image.fromarray(image if image.shape[-1] == 3 else image[..., 0]).convert("RGB")
+      grid.paste(tile, (label_width + c * (w + pad), top))
+  grid.save(path)

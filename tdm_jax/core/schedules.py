@@ -141,12 +141,21 @@ def from_diffusers_config(config: dict) -> Schedule:
     prediction_type = config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
         raise ConfigError(f"unknown prediction_type {prediction_type!r}; supported: {PREDICTION_TYPES}")
+    return _schedule_from_betas(_config_betas(config), prediction_type,
+                                bool(config.get("rescale_betas_zero_snr", False)))
+
+
+def _config_betas(config: dict) -> np.ndarray:
     if config.get("trained_betas") is not None:
-        betas = np.asarray(config["trained_betas"], np.float64)
-    else:
-        betas = _betas(config.get("beta_schedule", "linear"), config.get("beta_start", 0.0001),
-                       config.get("beta_end", 0.02), int(config.get("num_train_timesteps", 1000)))
-    return _schedule_from_betas(betas, prediction_type, bool(config.get("rescale_betas_zero_snr", False)))
+        return np.asarray(config["trained_betas"], np.float64)
+    return _betas(config.get("beta_schedule", "linear"), config.get("beta_start", 0.0001),
+                  config.get("beta_end", 0.02), int(config.get("num_train_timesteps", 1000)))
+
+
+def betas_from_config(config: dict) -> np.ndarray:
+    """The float64 betas a Diffusers scheduler config defines, zero-terminal-SNR rescaling applied."""
+    betas = _config_betas(config)
+    return _rescale_zero_terminal_snr(betas) if config.get("rescale_betas_zero_snr", False) else betas
 
 
 def ddim_step(schedule: Schedule, x0, eps, t_next):

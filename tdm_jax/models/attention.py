@@ -13,9 +13,31 @@ masks and causal.
 "dot_product_attention": `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs when the
 shapes and dtypes allow, XLA otherwise). Sequences shorter than `min_fused_length` take the plain
 path, where a fused kernel gains nothing.
-"auto": decided at trace time by `jax.devices()[0].platform`: on GPU "dot_product_attention"; elsewhere
-"chunked" for q_length >= `min_fused_length` and "xla" below it (short sequences gain nothing from
-chunking and pay for the loop).
+"splash": the Pallas TPU splash-attention kernel that ships with JAX
+(`jax.experimental.pallas.ops.tpu.splash_attention`), for TPUs. (Named after the kernel, as
+"dot_product_attention" is after its API; "pallas_tpu" would not say which of JAX's two Pallas TPU
+attention kernels it is. Splash rather than the older `flash_attention` kernel: splash takes static
+block-sparse masks, so causal skips whole blocks, as well as segment ids; its forward and VJP run in
+Pallas interpret mode on CPU, where the tests check it.) q is multiplied by the REAL head_dim**-0.5
+first (the kernel does not scale); head_dim is zero-padded to a multiple of 128 lanes (zero columns
+of q and k leave the logits unchanged, those of v give output columns that are sliced off); q_length
+and kv_length are padded to multiples of their block sizes (`splash_block_q`, `splash_block_kv`, at
+most 512, lowered to the length rounded up to 128 for short sequences). Padded keys, and keys that a
+key-padding mask drops, are masked through segment ids (queries in segment 1, kept keys 1, dropped
+or padded keys 0); padded query rows are computed and sliced off. The kernel works on one example
+(heads, length, head_dim), so it is vmapped over the batch, and under a mesh (`jax.set_mesh`) it
+runs in `jax.shard_map`, the batch over the mesh's batch axes (`sharding.BATCH_AXES`, if they divide
+it) and the heads over "tensor" (if it divides them): a Pallas call is a custom call on one device
+that XLA's partitioner cannot split. It has its own VJP (dq and dkv kernels). What the kernel cannot
+express takes the plain path, as the short sequences (q_length < `min_fused_length`) do: a mask that
+is not a key-padding mask (not broadcastable to (batch, 1, 1, kv_length), e.g. a per-query pattern),
+and causal attention with a mask or with q_length > kv_length (there a query row can have every key
+masked, where the kernel's output is not the plain path's uniform average; a sample whose key-
+padding mask drops every key is handled exactly, by attending with zeroed keys). `interpret=True`
+runs the same kernel in Pallas interpret mode, on any backend (tests on CPU; slow).
+"auto": decided at trace time by `jax.devices()[0].platform`: on GPU "dot_product_attention"; on TPU
+"splash"; elsewhere "chunked" for q_length >= `min_fused_length` and "xla" below it (short sequences
+gain nothing from chunking and pay for the loop).
 """
 
 from __future__ import annotations
@@ -24,30 +46,46 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.sharding import AxisType, PartitionSpec as P
 
-IMPLEMENTATIONS = ("xla", "chunked", "dot_product_attention", "auto")
+from tdm_jax.infra.sharding import BATCH_AXES
+
+IMPLEMENTATIONS = ("xla", "chunked", "dot_product_attention", "splash", "auto")
+_LANES = 128  # TPU vector lanes: head_dim and the splash block sizes are multiples of it
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Optional[jax.Array] = None,
               causal: bool = False, implementation: str = "auto", min_fused_length: int = 256,
-              chunk_size: int = 256, kv_chunk_size: int = 1024) -> jax.Array:
+              chunk_size: int = 256, kv_chunk_size: int = 1024, splash_block_q: int = 512,
+              splash_block_kv: int = 512, interpret: bool = False) -> jax.Array:
   """Multi-head attention over (batch, length, heads, head_dim) inputs.
 
   mask: boolean, broadcastable to (batch, heads, q_length, kv_length); True means attend. A query
   row with every key masked attends uniformly to all keys (as in the plain path).
   causal: query i attends to keys j <= i + kv_length - q_length (bottom-right aligned).
   chunk_size, kv_chunk_size: query and key block lengths of "chunked" (and of "auto" on CPU).
+  splash_block_q, splash_block_kv: largest query and key block lengths of "splash" (and of "auto" on
+    TPU), multiples of 128.
+  interpret: run the "splash" kernel in Pallas interpret mode (any backend; for tests).
   Returns (batch, q_length, heads, head_dim) in v's dtype.
   """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
   long_enough = q.shape[1] >= min_fused_length
   if implementation == "auto":
-    if jax.devices()[0].platform == "gpu":
+    platform = jax.devices()[0].platform
+    if platform == "gpu":
       implementation = "dot_product_attention"
+    elif platform == "tpu":
+      implementation = "splash"
     else:
       implementation = "chunked" if long_enough else "xla"
+  if implementation == "splash" and long_enough:
+    out = _splash(q, k, v, mask, causal, splash_block_q, splash_block_kv, interpret)
+    if out is not None:
+      return out
   if implementation == "dot_product_attention" and long_enough:
     q_len, kv_len = q.shape[1], k.shape[1]
     if causal and q_len != kv_len:  # is_causal aligns top-left; ours (and the plain path) bottom-right
@@ -71,6 +109,110 @@ def _plain(q, k, v, mask, causal):
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def _round_up(n, multiple):
+  return -(-n // multiple) * multiple
+
+
+def _key_padding(mask, batch, kv_len):
+  """The (batch, kv_len) keep-mask of a key-padding `mask`; None if `mask` varies over heads or queries."""
+  mask = jnp.asarray(mask, bool)
+  if mask.ndim > 4:
+    return None
+  shape = (1,) * (4 - mask.ndim) + mask.shape
+  if shape[1] != 1 or shape[2] != 1 or shape[0] not in (1, batch) or shape[3] not in (1, kv_len):
+    return None
+  return jnp.broadcast_to(mask.reshape(shape[0], shape[3]), (batch, kv_len))
+
+
+def _shard_axes(batch, heads):
+  """Mesh axes of the current mesh (not already manual) that the splash call is shard_mapped over:
+  (batch axes, heads axis), each () / None where absent, of size 1, or not dividing the dimension."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return (), None
+  usable = {name: size for name, size, kind in zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types)
+            if kind != AxisType.Manual and size > 1}
+  batch_axes = tuple(a for a in BATCH_AXES if a in usable)
+  if batch % int(np.prod([usable[a] for a in batch_axes])):
+    batch_axes = ()  # the kernel then runs on the whole batch (replicated): correct, but no split
+  head_axis = "tensor" if "tensor" in usable and heads % usable["tensor"] == 0 else None
+  return batch_axes, head_axis
+
+
+def _splash(q, k, v, mask, causal, block_q, block_kv, interpret):
+  """The splash kernel's attention, or None where it does not apply (the caller takes the plain path)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+  for name, size in (("splash_block_q", block_q), ("splash_block_kv", block_kv)):
+    if size <= 0 or size % _LANES:
+      raise ValueError(f"{name}={size} must be a positive multiple of {_LANES}")
+  batch, q_len, heads, head_dim = q.shape
+  kv_len = k.shape[1]
+  out_dtype = v.dtype
+  keep = None
+  if mask is not None:
+    keep = _key_padding(mask, batch, kv_len)
+    if keep is None:
+      return None  # a per-head or per-query mask: the kernel would need it as a (dynamic) dense mask
+    if causal:
+      return None  # causal with dropped keys can leave a query row no key (see the module docstring)
+  if causal and q_len > kv_len:
+    return None  # the first q_len - kv_len query rows have no key at all
+
+  dtype = jnp.result_type(q.dtype, k.dtype, v.dtype)
+  # The kernel does not scale the logits: scale by the real head_dim, before padding it.
+  q = (q.astype(jnp.float32) * head_dim ** -0.5).astype(dtype)
+  k, v = k.astype(dtype), v.astype(dtype)
+  if keep is not None:
+    # A sample that drops every key: the plain path gives every key the same logit (uniform average
+    # of v, zero gradient for q and k); zero keys, all kept, give the same.
+    any_kept = keep.any(axis=-1)
+    k = jnp.where(any_kept[:, None, None, None], k, jnp.zeros((), dtype))
+    keep = jnp.logical_or(keep, ~any_kept[:, None])
+
+  bq = min(block_q, _round_up(q_len, _LANES))
+  bkv = min(block_kv, _round_up(kv_len, _LANES))
+  q_pad, kv_pad, d_pad = _round_up(q_len, bq), _round_up(kv_len, bkv), _round_up(head_dim, _LANES)
+
+  def to_kernel(x, length):  # (batch, length, heads, head_dim) -> (batch, heads, padded, d_pad)
+    x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, d_pad - head_dim)))
+    return jnp.swapaxes(x, 1, 2)
+
+  args = [to_kernel(q, q_pad), to_kernel(k, kv_pad), to_kernel(v, kv_pad)]
+  if keep is None and kv_pad > kv_len:
+    keep = jnp.ones((batch, kv_len), bool)
+  if keep is not None:  # kv segment ids: 1 for kept keys, 0 for dropped and padded ones
+    args.append(jnp.pad(keep.astype(jnp.int32), ((0, 0), (0, kv_pad - kv_len))))
+  # Padded query rows (sliced off below) attend like real ones; causal stays bottom-right aligned on
+  # the real lengths, and padded keys are masked by their segment.
+  head_mask = (sm.CausalMask((q_pad, kv_pad), offset=kv_len - q_len) if causal
+               else sm.FullMask((q_pad, kv_pad)))
+  block_sizes = sk.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                              block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+
+  def run(q, k, v, *kv_segment):
+    """The kernel on (a shard of) the batch: (batch, heads, q_pad, d_pad)."""
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([head_mask] * q.shape[1]), block_sizes=block_sizes,
+                                head_shards=1, q_seq_shards=1, interpret=interpret)
+    if not kv_segment:
+      return jax.vmap(kernel)(q, k, v)
+    one = lambda q, k, v, q_seg, kv_seg: kernel(q, k, v, segment_ids=sk.SegmentIds(q_seg, kv_seg))
+    return jax.vmap(one, in_axes=(0, 0, 0, None, 0))(q, k, v, jnp.ones((q_pad,), jnp.int32), *kv_segment)
+
+  batch_axes, head_axis = _shard_axes(batch, heads)
+  if batch_axes or head_axis:
+    # A Pallas call is a custom call on one device that XLA's partitioner cannot split (it would
+    # gather the whole batch on every device): run it per shard, batch over the batch axes and
+    # heads over "tensor". check_vma=False: the kernel's pallas_call declares its outputs without
+    # the varying-manual-axes types that shard_map's check would ask for.
+    qkv_spec = P(batch_axes or None, head_axis)
+    in_specs = (qkv_spec,) * 3 + ((P(batch_axes or None),) if len(args) == 4 else ())
+    run = jax.shard_map(run, in_specs=in_specs, out_specs=qkv_spec, check_vma=False)
+  out = run(*args)[:, :, :q_len, :head_dim]
+  return jnp.swapaxes(out, 1, 2).astype(out_dtype)
 
 
 def _blocks(x, axis, n, size):

@@ -42,7 +42,8 @@ from tdm_jax.infra.files import atomic_write_bytes
 from tdm_jax.models.clip import ClipConfig, CLIPTextEncoder
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from tdm_jax.models.vae import AutoencoderKL, VAEConfig
-from tdm_jax.tasks.diffusers import pipeline
+from tdm_jax.tasks.diffusers import prompts as pipeline_prompts
+from tdm_jax.tasks.diffusers.description import describe
 from tdm_jax.tasks.shapes import data as shapes_data
 from tdm_jax.tasks.shapes import evaluator
 
@@ -228,7 +229,7 @@ class Denoiser:
     self.vae = AutoencoderKL(VAEConfig.from_dict(vae_config(config, scaling_factor)))
     self.schedule = make_schedule(**config.schedule)
     size = config.shapes.image_size
-    self.time_ids = pipeline.sdxl_time_ids(1, (size, size), (0, 0), (size, size))
+    self.time_ids = pipeline_prompts.sdxl_time_ids(1, (size, size), (0, 0), (size, size))
 
   def init(self, key):
     ids = jnp.zeros((1, self.config.text.max_length), jnp.int32)
@@ -246,7 +247,7 @@ class Denoiser:
   def condition(self, params, ids) -> dict:
     outputs = [enc.apply({"params": params[name]}, ids)
                for name, enc in zip(("text_encoder", "text_encoder_2"), self.encoders)]
-    return pipeline.sdxl_condition(outputs, jnp.tile(self.time_ids, (ids.shape[0], 1)))
+    return pipeline_prompts.sdxl_condition(outputs, jnp.tile(self.time_ids, (ids.shape[0], 1)))
 
   def unet_apply(self, unet_params, x_t, t, cond):
     return self.unet.apply({"params": unet_params}, x_t, t, cond["encoder_hidden_states"],
@@ -309,7 +310,8 @@ def write_pipeline(config, out: str, tokenizer, vae_params, scaling_factor: floa
       tokenizer.save_pretrained(os.path.join(small, name))
     trees = {"unet": denoiser_params["unet"], "vae": vae_params, "text_encoder": denoiser_params["text_encoder"],
              "text_encoder_2": denoiser_params["text_encoder_2"]}
-    export_pipeline(small, trees, out)
+    d = describe(small)
+    export_pipeline(small, trees, out, d.write_component, components=d.model_components)
   finally:
     shutil.rmtree(small, ignore_errors=True)
   return out

@@ -1,0 +1,167 @@
+"""Diffusers PixArtTransformer2DModel state dict <-> our `tdm_jax.models.pixart` parameter tree.
+
+Names: `transformer_blocks.3.attn1.to_out.0.weight` is our `transformer_blocks_3/attn1/to_out_0/kernel`,
+`transformer_blocks.3.ff.net.0.proj.weight` our `.../ff/net_0/proj/kernel` (a list index joins the
+name before it). Layouts: linear weights (out, in) <-> (in, out), the patch conv OIHW <-> HWIO; the
+`scale_shift_table`s keep theirs. The expected tree is `jax.eval_shape` of init, so every unfilled
+parameter, unused tensor and shape mismatch is named before anything is built. Our step-count
+table (`step_embedding`) has no Diffusers counterpart: `fold_step_embedding` folds one row into
+`timestep_embedder.linear_2`'s bias before export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Dict, Mapping, Tuple, Union
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tdm_jax.convert.errors import ConversionError, check_conversion
+from tdm_jax.models.pixart import PixArtConfig, PixArtTransformer2DModel
+
+STEP_EMBEDDING = "step_embedding"
+STEP_BIAS = ("adaln_single", "emb", "timestep_embedder", "linear_2", "bias")
+_LIST_RE = re.compile(r"^(transformer_blocks|to_out|net)_(\d+)$")
+_RENAMED = {"kernel": "weight"}  # our leaf -> Diffusers' (others keep their names)
+
+ConfigLike = Union[PixArtConfig, Mapping[str, Any]]
+
+
+def _as_config(config: ConfigLike) -> PixArtConfig:
+  return config if isinstance(config, PixArtConfig) else PixArtConfig.from_dict(config)
+
+
+def abstract_params(config: ConfigLike):
+  """The model's parameter tree as ShapeDtypeStructs in their logical-axis boxes (`jax.eval_shape` of
+  init on one patch: no FLOPs, no memory)."""
+  config = _as_config(config)
+  model = PixArtTransformer2DModel(config)
+  p = config.patch_size
+  sample = jnp.zeros((1, config.in_channels, p, p), jnp.float32)
+  caption = jnp.zeros((1, 1, config.caption_channels), jnp.float32)
+  extra = {}
+  if config.use_additional_conditions:
+    extra.update(resolution=jnp.zeros((1, 2)), aspect_ratio=jnp.zeros((1, 1)))
+  if config.num_step_embeds is not None:
+    extra["num_steps"] = jnp.zeros((1,), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, jnp.zeros((1,)), caption,
+                                           **extra))["params"]
+
+
+def expected_param_shapes(config: ConfigLike) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
+  params = flax.core.meta.unbox(abstract_params(config))
+  return {path: tuple(leaf.shape) for path, leaf in flax.traverse_util.flatten_dict(params).items()}
+
+
+def our_path(name: str) -> Tuple[str, ...]:
+  """'transformer_blocks.0.attn1.to_out.0.weight' -> ('transformer_blocks_0', 'attn1', 'to_out_0', 'kernel')."""
+  parts = []
+  for part in name.split("."):
+    if part.isdigit() and parts:
+      parts[-1] = f"{parts[-1]}_{part}"
+    else:
+      parts.append(part)
+  if parts[-1] == "weight":
+    parts[-1] = "kernel"
+  return tuple(parts)
+
+
+def diffusers_name(path: Tuple[str, ...]) -> str:
+  parts = []
+  for part in path[:-1]:
+    m = _LIST_RE.match(part)
+    parts.append(f"{m.group(1)}.{m.group(2)}" if m else part)
+  return ".".join(parts + [_RENAMED.get(path[-1], path[-1])])
+
+
+def _axes(path: Tuple[str, ...], ndim: int, to_ours: bool) -> Tuple[int, ...]:
+  """Transpose from Diffusers' layout to ours (or back): kernels only."""
+  if path[-1] == "kernel" and ndim == 2:
+    return (1, 0)
+  if path[-1] == "kernel" and ndim == 4:
+    return (2, 3, 1, 0) if to_ours else (3, 2, 0, 1)
+  return tuple(range(ndim))
+
+
+def pixart_params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: ConfigLike) -> Dict[str, Any]:
+  """Diffusers PixArt state dict (name -> array) -> our parameter tree (the "params" collection).
+
+  Arrays keep the checkpoint's dtype. Raises ConversionError naming every unused tensor, unfilled
+  parameter and shape mismatch (a config with `num_step_embeds` leaves `step_embedding` unfilled:
+  convert with the Diffusers config, then add the table).
+  """
+  expected = expected_param_shapes(config)
+  filled: Dict[Tuple[str, ...], np.ndarray] = {}
+  unused, mismatched = [], []
+  for name in sorted(state_dict):
+    path = our_path(name)
+    if path not in expected:
+      unused.append(name)
+      continue
+    value = np.asarray(state_dict[name])
+    axes = _axes(path, value.ndim, to_ours=False)
+    want = tuple(expected[path][i] for i in axes)
+    if tuple(value.shape) != want:
+      mismatched.append(f"{name}: expected {want}, got {tuple(value.shape)}")
+      continue
+    filled[path] = np.transpose(value, _axes(path, value.ndim, to_ours=True))
+  mismatched_names = {m.split(":")[0] for m in mismatched}
+  unfilled = sorted(n for n in (diffusers_name(p) for p in expected if p not in filled) if n not in mismatched_names)
+  check_conversion("PixArt transformer checkpoint", unfilled=unfilled, unused=unused, mismatched=mismatched,
+                   hint="Check that config.json belongs to these weights.")
+  return flax.traverse_util.unflatten_dict(filled)
+
+
+def pixart_state_dict_from_params(params: Mapping[str, Any], config: ConfigLike) -> Dict[str, np.ndarray]:
+  """Our parameter tree -> Diffusers PixArt state dict (name -> numpy array), checked against config.
+
+  A step-count table has no place in Diffusers' model: fold it first (`fold_step_embedding`).
+  """
+  config = _as_config(config)
+  flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(flax.core.unfreeze(params)))
+  if config.num_step_embeds is not None or any(p[0] == STEP_EMBEDDING for p in flat):
+    raise ConversionError("PixArt params carry a step-count table (step_embedding / num_step_embeds), which "
+                          "Diffusers' model has not: fold one row with fold_step_embedding before export")
+  expected = expected_param_shapes(config)
+  missing = sorted("/".join(p) for p in expected if p not in flat)
+  extra = sorted("/".join(p) for p in flat if p not in expected)
+  wrong = sorted(f"{'/'.join(p)}: expected {expected[p]}, got {tuple(np.shape(v))}"
+                 for p, v in flat.items() if p in expected and tuple(np.shape(v)) != expected[p])
+  if missing or extra or wrong:
+    raise ConversionError(
+        "PixArt params do not match the config:\n"
+        + (f"  missing: {missing}\n" if missing else "") + (f"  extra: {extra}\n" if extra else "")
+        + (f"  wrong shape: {wrong}\n" if wrong else ""))
+  out = {}
+  for path, value in flat.items():
+    value = np.asarray(jax.device_get(value))
+    out[diffusers_name(path)] = np.transpose(value, _axes(path, value.ndim, to_ours=False))
+  return out
+
+
+def fold_step_embedding(params: Mapping[str, Any], config: ConfigLike, num_steps: int):
+  """(params, config) of the model with one step count K fixed: row K of `step_embedding` added to
+  `adaln_single/emb/timestep_embedder/linear_2/bias`, the table and `num_step_embeds` removed.
+
+  The row is added right after that layer, so the folded model computes the same function for K.
+  `config` (the student's, or the teacher's without a table) is returned as it came: a dict without
+  "num_step_embeds", or a PixArtConfig with None.
+  """
+  flat = dict(flax.traverse_util.flatten_dict(flax.core.meta.unbox(flax.core.unfreeze(params))))
+  table = flat.pop((STEP_EMBEDDING, "embedding"), None)
+  if table is None:
+    raise ConversionError("fold_step_embedding: params have no step_embedding/embedding table")
+  if not 0 <= num_steps < np.shape(table)[0]:
+    raise ConversionError(f"fold_step_embedding: num_steps={num_steps} is not a row of the "
+                          f"{np.shape(table)[0]}-row step table")
+  bias = flat[STEP_BIAS]
+  flat[STEP_BIAS] = (jnp.asarray(bias, jnp.float32) + jnp.asarray(table[num_steps], jnp.float32)).astype(bias.dtype)
+  if isinstance(config, PixArtConfig):
+    folded = dataclasses.replace(config, num_step_embeds=None)
+  else:
+    folded = {k: v for k, v in config.items() if k != "num_step_embeds"}
+  return flax.traverse_util.unflatten_dict(flat), folded

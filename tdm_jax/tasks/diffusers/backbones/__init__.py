@@ -1,0 +1,93 @@
+"""The denoiser families a Diffusers pipeline can hold, as plug-ins: one `Backbone` per class.
+
+A pipeline's `model_index.json` names its denoiser's Diffusers class (`UNet2DConditionModel`,
+`PixArtTransformer2DModel`, ...); `for_class` finds the family registered for it. A family says
+everything the rest of the task needs of its denoiser, so that conversion, training, export and
+evaluation never ask which network they hold: how its config is read (refusing keys it does not
+implement), its Flax module and apply function, its abstract parameters, the latent shape and the
+resolution multiple, its LoRA targets, where a unified student's step count K enters and how it
+folds into an exported folder, and what makes an exported student sample right in stock Diffusers.
+
+A new family is one model file (`models/`), one converter (`convert/`), one module here with its
+`BACKBONE`, and one line in `FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, Mapping, Optional, Tuple
+
+from tdm_jax.infra.errors import ConfigError
+
+PyTree = Any
+
+# Diffusers class name in model_index.json -> the module whose BACKBONE serves it.
+FAMILIES = {
+    "UNet2DConditionModel": "tdm_jax.tasks.diffusers.backbones.unet",
+    "PixArtTransformer2DModel": "tdm_jax.tasks.diffusers.backbones.pixart",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  """One denoiser family. `config` is the family's own config object (from `config_from_dict`);
+  `config_dict` a Diffusers `config.json` dict, which exports rewrite and write back.
+
+  apply_fn(module) -> `apply(params, x_t, t, cond, adapters=None, num_steps=None)`: the model's
+    prediction in the scheduler's parameterisation; `adapters` is the LoRA "lora" collection
+    (`core/lora.adapters_applied`), `num_steps` a unified student's K per sample.
+  step_table: the name of the unified student's K table at the top of its parameter tree; it is
+    trained in full, and `optim.lr_scales` addresses it as "^{step_table}/".
+  with_step_embeds(config, rows) -> the config of the step-conditioned student (a zero table).
+  fold_steps(params, config_dict, k) -> (params, config_dict) of the student fixed at K = k, the
+    table folded away exactly (stock pipelines pass no K).
+  guidance_free(params, config_dict) -> (params, config_dict) that stock pipelines run without
+    classifier-free guidance, where the family has such a slot (UNets: LCM's time_cond_proj_dim);
+    otherwise `stock_call` must say `guidance_scale=1.0`.
+  write_lora(dest, pairs, full, lora_cfg, config_dict, step_counts) -> LoRA files a stock pipeline
+    loads into the teacher (None: the family's pipelines load no LoRA files; merged folders only).
+  """
+  name: str
+  class_name: str
+  config_from_dict: Callable[[Mapping[str, Any]], Any]
+  module: Callable[..., Any]  # (config, *, dtype, attention_implementation, remat) -> flax module
+  apply_fn: Callable[[Any], Callable]
+  abstract_params: Callable[[Any], PyTree]  # boxed ShapeDtypeStructs with logical axis names
+  params_from_state_dict: Callable[[Mapping[str, Any], Any], PyTree]
+  state_dict_from_params: Callable[[PyTree, Any], dict]
+  in_channels: Callable[[Any], int]
+  sample_size: Callable[[Any], int]  # the latent side the model was trained at
+  downsampling: Callable[[Any], int]  # the latent side must be a multiple of this
+  lora_targets: Tuple[str, ...]
+  step_table: str
+  with_step_embeds: Callable[[Any, int], Any]
+  fold_steps: Callable[[PyTree, Mapping[str, Any], int], Tuple[PyTree, dict]]
+  guidance_free: Callable[[PyTree, Mapping[str, Any]], Tuple[PyTree, dict]]
+  write_lora: Optional[Callable[..., None]] = None
+  weights_name: str = "diffusion_pytorch_model.safetensors"
+
+
+def for_class(class_name: str) -> Backbone:
+  """The family registered for a denoiser's Diffusers class, or one line naming the supported ones."""
+  if class_name not in FAMILIES:
+    raise ConfigError(f"the pipeline's denoiser is a {class_name}, which tdm_jax does not distil; supported "
+                      f"denoisers: {', '.join(sorted(FAMILIES))}")
+  return importlib.import_module(FAMILIES[class_name]).BACKBONE
+
+
+def denoiser_component(index: Mapping[str, Any]) -> Tuple[str, str]:
+  """(component name, class name) of the denoiser in a model_index.json dict: the component whose class is
+  a registered family; a pipeline with a `unet` or `transformer` of another class is named in the error."""
+  candidates = []
+  for name, entry in index.items():
+    if name.startswith("_") or not isinstance(entry, (list, tuple)) or len(entry) != 2 or entry[1] is None:
+      continue
+    if entry[1] in FAMILIES:
+      return name, entry[1]
+    if name in ("unet", "transformer", "prior"):
+      candidates.append((name, entry[1]))
+  if candidates:
+    for_class(candidates[0][1])  # raises, naming the class
+  raise ConfigError(f"model_index.json lists no denoiser (a unet or transformer of a supported class: "
+                    f"{', '.join(sorted(FAMILIES))})")

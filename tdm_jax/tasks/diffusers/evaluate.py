@@ -1,0 +1,198 @@
+"""Evaluation and sampling of a distilled Diffusers student beside its teacher.
+
+Every sampler draws from the same prompts and the same noise; images are decoded by one VAE decoder
+compiled once. After our samplers, each exported pipeline is called by stock Diffusers as a user
+would (prompts, the step count, the latents, and only what its family's stock call needs), so the
+table shows what a Diffusers user gets.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Callable, NamedTuple
+
+import jax
+import numpy as np
+from absl import logging
+
+from tdm_jax.convert import pipeline as pipeline_io
+from tdm_jax.convert import student as student_io
+from tdm_jax.core import rng, sample
+from tdm_jax.core.train import Task, sampling_params
+from tdm_jax.infra import data
+from tdm_jax.infra.errors import ConfigError
+from tdm_jax.models.vae import AutoencoderKL
+from tdm_jax.tasks.diffusers import prompts, weights
+from tdm_jax.tasks.diffusers.description import describe
+from tdm_jax.tasks.diffusers.export import exported_pipeline, exported_step_counts
+
+
+def _samplers(config, task: Task, student_params, uncond, teacher_steps, student_steps) -> list:
+  """(name, role, nfe, params, fn, extra args) per sampler: the teacher with CFG on Diffusers' "trailing"
+  grid, the student on its own timesteps. Weights are arguments of the compiled samplers, never
+  constants baked into them (GBs at SDXL size)."""
+  cfg = config.tdm
+  calls = 1 if cfg.guidance_scale == 1.0 else 2
+  samplers = [(f"teacher, {n} DDIM steps, CFG {cfg.guidance_scale}", "teacher", calls * n, task.teacher_params,
+               functools.partial(sample.teacher_sample, task.apply, num_steps=n,
+                                 guidance_scale=cfg.guidance_scale, spacing="trailing"), (uncond,))
+              for n in teacher_steps]
+  trained = exported_step_counts(config)
+  untrained = [n for n in student_steps if n not in trained]
+  if untrained:
+    logging.warning("student steps %s: the student was trained for %s steps only; those images show it "
+                    "used off its training grid", untrained, list(trained))
+  if cfg.step_choices and any(n > max(cfg.step_choices) for n in student_steps):
+    raise ConfigError(f"student steps {list(student_steps)}: a unified student has step embeddings for "
+                      f"K <= {max(cfg.step_choices)} only (tdm.step_choices={tuple(cfg.step_choices)})")
+  samplers += [(f"TDM student, {n} steps", "student", n, sampling_params(task, student_params),
+                functools.partial(sample.student_sample, task.student_apply or task.apply, num_steps=n,
+                                  total_steps=cfg.total_steps, solver=config.eval.student_solver,
+                                  step_conditioning=bool(cfg.step_choices)), ())
+               for n in student_steps]
+  return samplers
+
+
+class _Renderer(NamedTuple):
+  """Prompts -> images through our samplers, from one set of noise; one VAE decoder, compiled once."""
+  trees: dict
+  cond: object
+  uncond: object
+  z: jax.Array
+  decode: Callable  # jitted (vae params, latents) -> images, compiled on z: every sampler's latents have its shape
+
+  def images(self, task: Task, sampler):
+    """(uint8 NHWC pixels, ms for the batch: sampling plus decoding, compilation excluded) of one sampler."""
+    _, _, _, params, fn, extra = sampler
+    latents, ms = sample.timed(fn, params, task.schedule, self.z, self.cond, *extra)
+    start = time.perf_counter()
+    images = jax.block_until_ready(self.decode(self.trees["vae"], latents.astype(self.z.dtype)))
+    return sample.to_uint8(images), ms + 1000.0 * (time.perf_counter() - start)
+
+
+def _renderer(config, workdir: str, task: Task, prompt_list, key) -> _Renderer:
+  out = weights.ensure_converted(config, workdir)
+  d = describe(os.path.join(out, "pipeline"))
+  trees = pipeline_io.load_converted(out)
+  resolution = task.sample_shape[-1] * d.vae_scale_factor
+  cond, uncond = prompts.PromptEncoder.from_description(d, trees, (resolution, resolution))(prompt_list)
+  z = jax.random.normal(key, (len(prompt_list),) + tuple(task.sample_shape))
+  decode = jax.jit(AutoencoderKL(d.vae_config()).images_from_latents)
+  jax.block_until_ready(decode(trees["vae"], z))  # compiled here, once, not inside any sampler's timing
+  return _Renderer(trees, cond, uncond, z, decode)
+
+
+def stock_diffusers_images(folder: str, prompt_list, z, num_steps: int, chunk: int = 64):
+  """(uint8 NHWC pixels, ms) of the exported pipeline `folder` called as a Diffusers user would:
+  prompts, the step count, the latents and its family's stock-call arguments (README), nothing else.
+  None when torch is not installed."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import diffusers  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  student_io.check_folder(folder, num_steps)
+  family = describe(folder).family
+  pipe = diffusers.DiffusionPipeline.from_pretrained(folder, **dict(family.stock_load))
+  pipe.set_progress_bar_config(disable=True)
+  latents = torch.from_numpy(np.asarray(z, np.float32))
+  began, out = time.perf_counter(), []
+  with torch.no_grad():
+    for i in range(0, len(prompt_list), chunk):
+      out.append(pipe(list(prompt_list[i:i + chunk]), num_inference_steps=num_steps, latents=latents[i:i + chunk],
+                      output_type="np", **dict(family.stock_call)).images)
+  ms = 1000.0 * (time.perf_counter() - began)
+  return np.clip(np.round(np.concatenate(out) * 255.0), 0, 255).astype(np.uint8), ms
+
+
+def evaluate(config, workdir: str, task: Task, student_params) -> list:
+  """One table row per sampler: the teacher with CFG at each of `eval.teacher_steps`, the student at
+  each of `eval.student_steps`, all on the same prompts and the same noise; then, when torch is
+  installed and the student was exported, the exported pipeline called by stock Diffusers at each
+  trained step count (what a Diffusers user gets).
+
+  `eval.num_samples` prompts, each sampled `eval.samples_per_prompt` times (other noise). Rows hold
+  NFE and ms per image (sampling + VAE decode of the whole batch, compilation excluded); with
+  `eval.classifier` (shapes captions only) also Frechet distance to the real images of the prompts,
+  adherence and per-prompt diversity. Writes WORKDIR/eval/<sampler>.png (one image per prompt) and
+  WORKDIR/eval/comparison.png (a labelled row per sampler, real images first when there are any).
+  """
+  from tdm_jax.tasks.shapes import evaluator  # pylint: disable=g-import-not-at-top
+  if weights.is_shape_only(config, workdir):
+    raise ConfigError("this run has random weights (no teacher.pipeline) and no VAE or tokenizer to evaluate "
+                      "with; set --config.train.evaluate_after=False for shape-only runs")
+  e = config.eval
+  prompt_list = (data.read_prompts(e.prompt_file) if e.prompt_file
+                 else data.prompt_source(config).head(e.num_samples))[:e.num_samples]
+  if e.samples_per_prompt < 1:
+    raise ConfigError(f"eval.samples_per_prompt must be >= 1, got {e.samples_per_prompt}")
+  batch_prompts = [p for p in prompt_list for _ in range(e.samples_per_prompt)]
+  firsts = np.arange(0, len(batch_prompts), e.samples_per_prompt)  # one image per prompt, for the grids
+  r = _renderer(config, workdir, task, batch_prompts, rng.derive(config.seed, 0, rng.Role.EVAL))
+  scorer = evaluator.PromptScorer(e.classifier, batch_prompts) if e.classifier else None
+  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+  columns = min(len(prompt_list), 8)
+  rows = []
+  comparison = [("real images", scorer.real[firsts[:columns]])] if scorer else []
+
+  def add_row(name, role, nfe, slug, pixels, ms):
+    sample.save_pixel_grid(pixels[firsts], os.path.join(workdir, "eval", f"{slug}.png"), columns=columns, upscale=2,
+                           pad=2)
+    comparison.append((name, pixels[firsts[:columns]]))
+    row = {"sampler": name, "model": role, "nfe": nfe}
+    if scorer:
+      row.update(scorer(pixels))
+    row.update(ms_per_image=ms / len(batch_prompts), grid=f"eval/{slug}.png")
+    rows.append(row)
+
+  for sampler in _samplers(config, task, student_params, r.uncond, e.teacher_steps, e.student_steps):
+    name, role, nfe = sampler[:3]
+    add_row(name, role, nfe, f"{role}_{nfe}nfe", *r.images(task, sampler))
+  for k in [k for k in e.student_steps if k in exported_step_counts(config)]:
+    folder = exported_pipeline(config, workdir, k)
+    if not os.path.isdir(folder):
+      break  # not exported (train.export_after False): nothing a Diffusers user would load
+    try:
+      student_io.check_folder(folder, k)
+    except ValueError as err:  # e.g. a tdm.total_steps no stock scheduler reproduces
+      logging.warning("no stock Diffusers row at %d steps: %s", k, err)
+      continue
+    stock = stock_diffusers_images(folder, batch_prompts, r.z, k)
+    if stock is None:
+      logging.warning("torch is not installed: the evaluation skips the exported pipeline's stock Diffusers rows")
+      break
+    add_row(f"exported pipeline in stock Diffusers, {k} steps", "diffusers", k, f"diffusers_{k}nfe", *stock)
+  sample.save_labelled_grid(comparison, os.path.join(workdir, "eval", "comparison.png"), upscale=2, pad=2)
+  return rows
+
+
+def sample_prompts(config, workdir: str, task: Task, student_params, prompt_list, checkpoint_step: int) -> str:
+  """`--mode=sample`: the student at `sample.student_steps` (default: the counts it was trained for) and
+  the teacher at `sample.teacher_steps` with CFG, all from the same noise, as PNGs
+  (WORKDIR/samples/<step>/<sampler>/<i>.png) and one grid (a labelled row per sampler, a column per prompt)."""
+  if weights.is_shape_only(config, workdir):
+    raise ConfigError("this run has random weights (no teacher.pipeline): nothing worth sampling")
+  if not prompt_list:
+    raise ConfigError("no prompts to sample: pass --prompt=TEXT (repeatable) or --prompt_file=FILE")
+  s = config.sample
+  student_steps = tuple(s.student_steps) or exported_step_counts(config)
+  teacher_steps = (s.teacher_steps,) if s.teacher_steps else ()
+  r = _renderer(config, workdir, task, list(prompt_list), rng.derive(s.seed, 0, rng.Role.EVAL))
+  out = os.path.join(workdir, "samples", str(checkpoint_step))
+  rows = []
+  for sampler in _samplers(config, task, student_params, r.uncond, teacher_steps, student_steps):
+    name, role, nfe = sampler[:3]
+    pixels, _ = r.images(task, sampler)
+    slug = f"teacher_{nfe // (1 if config.tdm.guidance_scale == 1.0 else 2)}steps" if role == "teacher" else \
+        f"student_{nfe}steps"
+    os.makedirs(os.path.join(out, slug), exist_ok=True)
+    for i, image in enumerate(pixels):
+      sample.save_pixel_grid(image[None], os.path.join(out, slug, f"{i:03d}.png"), columns=1)
+    rows.append((name, pixels))
+    logging.info("%s: %s", name, os.path.join(out, slug))
+  with open(os.path.join(out, "prompts.txt"), "w") as f:
+    f.write("\n".join(prompt_list) + "\n")
+  sample.save_labelled_grid(rows, os.path.join(out, "grid.png"), pad=2)
+  return out
