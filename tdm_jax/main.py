@@ -15,11 +15,18 @@ fixes print as one line and exit with status 2; `--verbosity=1` shows their trac
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import json
 import os
-import sys
+
+# Transformers prints "PyTorch was not found..." on import when torch is absent (the normal case here: our
+# networks are Flax; torch is only a test-time parity reference). It is advice, not a problem.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import dataclasses  # pylint: disable=wrong-import-position
+import importlib  # pylint: disable=wrong-import-position
+import json  # pylint: disable=wrong-import-position
+import logging as std_logging  # pylint: disable=wrong-import-position
+import re  # pylint: disable=wrong-import-position
+import sys  # pylint: disable=wrong-import-position
 
 import jax
 from absl import app, flags, logging
@@ -29,6 +36,7 @@ from tdm_jax.core import train
 from tdm_jax.infra import data, distributed, metrics
 from tdm_jax.infra.errors import ConfigError, UserError
 
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 MODES = ("train", "evaluate", "convert", "export", "sample", "pretrain")
 # config.task -> the module that turns a config into a Task and evaluates a student on it.
 TASKS = {"toy": "tdm_jax.tasks.toy.task", "diffusers": "tdm_jax.tasks.diffusers.task",
@@ -51,6 +59,13 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "--jax_distributed: this 
                                    f"(default ${distributed.ENV_PROCESS_ID}).")
 _TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "--jax_distributed: seconds to wait for all "
                                 "processes to join before giving up with an error.")
+
+
+class _OwnInfoOnly(std_logging.Filter):
+  """Lets through records at WARNING and above, and this package's own below it."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or record.pathname.startswith(PACKAGE_DIR)
 
 
 def task_module(config):
@@ -87,7 +102,7 @@ def _after_training(config, workdir: str, module, task, state) -> None:
   if not distributed.is_primary():
     return
   if wanted_export:
-    logging.warning("student exported to %s", module.export(config, workdir, params))
+    logging.info("student exported to %s", module.export(config, workdir, params))
   if config.train.evaluate_after:
     run_evaluation(config, workdir, module, task, params)
 
@@ -130,13 +145,22 @@ def run(config, workdir: str, mode: str, prompts=()):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None:
+  try:
+    config = _CONFIG.value
+    getattr(config, "task", None)  # a config file that failed to load raises here
+  except OSError as err:  # config_flags defers a config file that failed to load to its first use
+    sys.stderr.write(f"error: --config: {_one_line(err)}\n")
+    sys.exit(distributed.EXIT_CODE)
+  if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/toy.py")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required: the folder for checkpoints, metrics and outputs")
   verbose = flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it
+    # Our progress at INFO; the libraries' INFO (orbax logs every save, JAX every compile) only with
+    # --verbosity=0. Warnings and errors from anyone.
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_OwnInfoOnly())
   try:
     if _DISTRIBUTED.value:
       distributed.initialize(distributed.settings(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
@@ -145,7 +169,7 @@ def main(argv):
       raise ConfigError("--coordinator_address, --num_processes and --process_id take effect only with "
                         "--jax_distributed; add it")
     train.use_compilation_cache(_CONFIG.value.compilation_cache)  # before anything compiles, in every mode
-    logging.info("config:\n%s", _CONFIG.value)
+    logging.debug("config:\n%s", _CONFIG.value)
     prompts = list(_PROMPT.value) + (data.read_prompts(_PROMPT_FILE.value) if _PROMPT_FILE.value else [])
     run(_CONFIG.value, _WORKDIR.value, _MODE.value, prompts)
   except UserError as err:  # a fix for the user, not a bug: the message says it all (--verbosity=1: traceback)
@@ -155,8 +179,34 @@ def main(argv):
     sys.exit(distributed.EXIT_CODE)
 
 
+def _one_line(err: BaseException) -> str:
+  while err.args and isinstance(err.args[0], BaseException):  # ml_collections wraps a KeyError in an AttributeError
+    err = err.args[0]
+  text = err.args[0] if len(err.args) == 1 and isinstance(err.args[0], str) else str(err)
+  return " ".join(text.split())
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a mistake in `--config` or a `--config.KEY=VALUE` override (a key that does
+  not exist, a value of the wrong type, a config file that is not there) as one line and exit status 2,
+  as every other error the user fixes, instead of the parser's traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as err:
+    sys.stderr.write(f"error: {_one_line(err)}\n")
+  except (AttributeError, KeyError, TypeError, ValueError, OSError) as err:  # raised by config_flags while parsing
+    message = _one_line(err)
+    key = re.match(r"'([^']+)'", message)  # ml_collections names a missing key first, quoted
+    overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    named = next((o for o in overrides if key and o.endswith("." + key.group(1))), None)
+    where = f"{named}: " if named else ""
+    sys.stderr.write(f"error: {where}{message} (--config and its --config.KEY=VALUE overrides name fields of "
+                     f"the config file)\n")
+  sys.exit(distributed.EXIT_CODE)
+
+
 def entry_point():
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

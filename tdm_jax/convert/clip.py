@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdm_jax.convert.errors import check_conversion
+from tdm_jax.convert.errors import check_mapped_conversion, check_name_map
 from tdm_jax.models.clip import CLIPTextEncoder, ClipConfig
 
 # Buffers, not parameters: present in some checkpoints, never needed.
@@ -75,20 +75,13 @@ def expected_shapes(config: ClipConfig, param_dtype: Any = jnp.float32) -> Dict[
 
 
 def _checked_map(config: ClipConfig, expected: Mapping[Path, Any]) -> List[Tuple[Path, str, bool]]:
-  entries = _name_map(config)
-  mapped = {e[0] for e in entries}
-  if mapped != set(expected):
-    raise AssertionError(  # A bug in this module, not in a checkpoint.
-        f"CLIP name map out of step with the module: unmapped {sorted(set(expected) - mapped)}, "
-        f"stale {sorted(mapped - set(expected))}")
-  return entries
+  return check_name_map("CLIP", _name_map(config), expected)
 
 
 def _raise_if_problems(what: str, unused, unfilled, mismatched):
-  check_conversion(what, unfilled=unfilled, unused=unused,
-                   mismatched=[f"{n}: expected {e}, got {g}" for n, e, g in mismatched],
-                   hint="Check that the ClipConfig (layers, sizes, with_projection) matches the checkpoint's "
-                        "config.json.")
+  check_mapped_conversion(what, unused, unfilled, mismatched,
+                          hint="Check that the ClipConfig (layers, sizes, with_projection) matches the checkpoint's "
+                               "config.json.")
 
 
 def clip_params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: ClipConfig,

@@ -29,3 +29,20 @@ def check_conversion(what: str, *, unfilled: Sequence[str] = (), unused: Sequenc
   if hint:
     lines.append("  " + hint)
   raise ConversionError("\n".join(lines))
+
+
+def check_name_map(model: str, entries, expected) -> list:
+  """`entries` ((our path, checkpoint name, transposed) per parameter) if their paths are exactly the
+  parameters of `expected`; otherwise an AssertionError: the map is out of step with the module, a bug
+  in the converter, not in a checkpoint."""
+  mapped = {e[0] for e in entries}
+  if mapped != set(expected):
+    raise AssertionError(f"{model} name map out of step with the module: unmapped {sorted(set(expected) - mapped)}, "
+                         f"stale {sorted(mapped - set(expected))}")
+  return entries
+
+
+def check_mapped_conversion(what: str, unused, unfilled, mismatched, hint: str) -> None:
+  """`check_conversion` with mismatches as (name, expected shape, found shape) triples."""
+  check_conversion(what, unfilled=unfilled, unused=unused,
+                   mismatched=[f"{n}: expected {e}, got {g}" for n, e, g in mismatched], hint=hint)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdm_jax.convert.errors import ConversionError, check_conversion
+from tdm_jax.convert.errors import ConversionError, check_mapped_conversion, check_name_map
 from tdm_jax.convert.folders import FolderError
 from tdm_jax.models.t5 import T5Config, T5Encoder
 
@@ -61,20 +61,13 @@ def expected_shapes(config: T5Config, param_dtype: Any = jnp.float32) -> Dict[Pa
 
 
 def _checked_map(config: T5Config, expected: Mapping[Path, Any]) -> List[Tuple[Path, str, bool]]:
-  entries = _name_map(config)
-  mapped = {e[0] for e in entries}
-  if mapped != set(expected):
-    raise AssertionError(  # A bug in this module, not in a checkpoint.
-        f"T5 name map out of step with the module: unmapped {sorted(set(expected) - mapped)}, "
-        f"stale {sorted(mapped - set(expected))}")
-  return entries
+  return check_name_map("T5", _name_map(config), expected)
 
 
 def _raise_if_problems(what: str, unused, unfilled, mismatched):
-  check_conversion(what, unfilled=unfilled, unused=unused,
-                   mismatched=[f"{n}: expected {e}, got {g}" for n, e, g in mismatched],
-                   hint="Check that the T5Config (num_layers, d_model, d_kv, d_ff, num_heads, "
-                        "feed_forward_proj) matches the checkpoint's config.json.")
+  check_mapped_conversion(what, unused, unfilled, mismatched,
+                          hint="Check that the T5Config (num_layers, d_model, d_kv, d_ff, num_heads, "
+                               "feed_forward_proj) matches the checkpoint's config.json.")
 
 
 def _embedding_key(state_dict: Mapping[str, Any]) -> Optional[str]:

@@ -149,7 +149,7 @@ def use_compilation_cache(path: str) -> Optional[str]:
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  logging.warning("persistent compilation cache in %s", path)
+  logging.info("persistent compilation cache in %s", path)
   return path
 
 
@@ -202,7 +202,7 @@ class _Profiler:
     runs = sorted(glob.glob(os.path.join(self.directory, "plugins", "profile", "*")), key=os.path.getmtime)
     where = runs[-1] if runs else self.directory
     span = f"iterations {self.began}..{done - 1}" if done is not None else f"iterations from {self.began}"
-    logging.warning("profile of %s written to %s (tensorboard --logdir=%s, or its perfetto_trace.json.gz "
+    logging.info("profile of %s written to %s (tensorboard --logdir=%s, or its perfetto_trace.json.gz "
                     "in ui.perfetto.dev)", span, where, self.directory)
 
 
@@ -341,7 +341,7 @@ def initial_state(task: Task, config, p: Plan, teacher_params) -> tdm.TDMState:
                           f"(different model, LoRA rank or targets, or tdm.step_choices: a unified student has "
                           f"a step table); use the same model.lora_* and tdm.step_choices settings as that run")
   student = jax.device_put(student, p.state.student_params)
-  logging.warning("student initialised from %s (step %d); fake score and optimisers start afresh", source, step)
+  logging.info("student initialised from %s (step %d); fake score and optimisers start afresh", source, step)
   ema = student if state.ema_params is not None else None
   return state._replace(student_params=student, ema_params=ema)
 
@@ -458,7 +458,7 @@ def compile_step(train_step, p: Plan, state, teacher_params, conditioner, inputs
   traced = time.perf_counter()
   compiled = lowered.compile()
   times = {"trace_s": traced - began, "compile_s": time.perf_counter() - traced}
-  logging.warning("TDM step traced in %.1f s, compiled in %.1f s", times["trace_s"], times["compile_s"])
+  logging.info("TDM step traced in %.1f s, compiled in %.1f s", times["trace_s"], times["compile_s"])
   log_memory(compiled, p.mesh)
   return compiled, times
 
@@ -477,7 +477,7 @@ def log_memory(compiled, mesh) -> dict:
   summary = memory_summary(compiled)
   if summary:
     gib = {k: round(v / 2**30, 3) for k, v in summary.items()}
-    logging.warning("compiled TDM step on mesh %s, GiB per device: %s", dict(mesh.shape), gib)
+    logging.info("compiled TDM step on mesh %s, GiB per device: %s", dict(mesh.shape), gib)
   return summary
 
 

@@ -19,7 +19,6 @@ teachers are scored on the same held-out captions. The repository ships the fold
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -29,14 +28,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
 from tdm_jax.convert import folders
 from tdm_jax.convert import t5 as t5_io
 from tdm_jax.convert import vae as vae_io
 from tdm_jax.convert.pipeline import export_pipeline
-from tdm_jax.core import pretrain, rng
+from tdm_jax.core import pretrain
 from tdm_jax.core.schedules import make_schedule
 from tdm_jax.infra.errors import ConfigError
 from tdm_jax.models.pixart import PixArtConfig, PixArtTransformer2DModel
@@ -208,28 +206,10 @@ def captioned_batch(config, tokenizer, step: int, batch_size: int):
 
 def train_denoiser(config, workdir: str, denoiser: Denoiser, tokenizer, vae_params, progress: bool = True):
   """Trains (or resumes) the transformer and the T5 encoder in `workdir/denoiser`; returns the EMA tree."""
-  p = config.transformer
-  tx = pretrain.clipped_adam(p.learning_rate, p.num_iterations, p.warmup_steps)
-
-  def init():
-    params = denoiser.init(jax.random.PRNGKey(config.seed + 1))
-    return {"params": params, "ema": params, "opt_state": tx.init(params)}
-
-  @functools.partial(jax.jit, donate_argnums=(0,))
-  def step_fn(state, batch, step):
-    x, ids, mask = batch
-    key = rng.role_key(rng.iteration_key(config.seed, step), rng.Role.DIFFUSION_NOISE)
-    loss, grads = jax.value_and_grad(denoiser.loss)(state["params"], vae_params, x, ids, mask, key)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    decay = jnp.minimum(p.ema_decay, (1.0 + step) / (10.0 + step))  # short runs: no long memory of init
-    ema = jax.tree.map(lambda e, q: e + (1.0 - decay) * (q - e), state["ema"], params)
-    return {"params": params, "ema": ema, "opt_state": opt_state}, {"loss": loss}
-
-  state = pretrain.fit(step_fn, init, lambda step: captioned_batch(config, tokenizer, step, p.batch_size),
-                       num_iterations=p.num_iterations, workdir=os.path.join(workdir, "denoiser"),
-                       checkpoint_every=config.train.checkpoint_every, desc="denoiser", progress=progress)
-  return state["ema"]
+  return sdxl_teacher.fit_denoiser(
+      config, config.transformer, workdir, denoiser.init,
+      lambda params, batch, key: denoiser.loss(params, vae_params, *batch, key),
+      lambda step: captioned_batch(config, tokenizer, step, config.transformer.batch_size), progress)
 
 
 # ---- the Diffusers folder --------------------------------------------------------------------------

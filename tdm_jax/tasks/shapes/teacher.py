@@ -263,31 +263,40 @@ class Denoiser:
                                    self.config.unet.cond_dropout)
 
 
-def train_denoiser(config, workdir: str, tokenizer, vae_params, scaling_factor: float, progress: bool = True):
-  """Trains (or resumes) the UNet and both text encoders in `workdir/denoiser`; returns the EMA tree."""
-  u = config.unet
-  denoiser = Denoiser(config, tokenizer, scaling_factor)
-  tx = pretrain.clipped_adam(u.learning_rate, u.num_iterations, u.warmup_steps)
+def fit_denoiser(config, hp, workdir: str, init_params, loss, batch_fn, progress: bool = True):
+  """Trains (or resumes) a denoiser tree in `workdir/denoiser` with clipped Adam and an EMA; returns the EMA.
+
+  hp: learning_rate, num_iterations, warmup_steps, batch_size, ema_decay. `init_params(key)` makes the
+  tree, `loss(params, batch, key)` is the objective, `batch_fn(step)` the host batch of an iteration.
+  """
+  tx = pretrain.clipped_adam(hp.learning_rate, hp.num_iterations, hp.warmup_steps)
 
   def init():
-    params = denoiser.init(jax.random.PRNGKey(config.seed + 1))
+    params = init_params(jax.random.PRNGKey(config.seed + 1))
     return {"params": params, "ema": params, "opt_state": tx.init(params)}
 
   @functools.partial(jax.jit, donate_argnums=(0,))
   def step_fn(state, batch, step):
-    x, ids = batch
     key = rng.role_key(rng.iteration_key(config.seed, step), rng.Role.DIFFUSION_NOISE)
-    loss, grads = jax.value_and_grad(denoiser.loss)(state["params"], vae_params, x, ids, key)
+    value, grads = jax.value_and_grad(loss)(state["params"], batch, key)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    decay = jnp.minimum(u.ema_decay, (1.0 + step) / (10.0 + step))  # short runs: no long memory of init
+    decay = jnp.minimum(hp.ema_decay, (1.0 + step) / (10.0 + step))  # short runs: no long memory of init
     ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state["ema"], params)
-    return {"params": params, "ema": ema, "opt_state": opt_state}, {"loss": loss}
+    return {"params": params, "ema": ema, "opt_state": opt_state}, {"loss": value}
 
-  state = pretrain.fit(step_fn, init, lambda step: captioned_batch(config, tokenizer, step, u.batch_size),
-                       num_iterations=u.num_iterations, workdir=os.path.join(workdir, "denoiser"),
-                       checkpoint_every=config.train.checkpoint_every, desc="denoiser", progress=progress)
+  state = pretrain.fit(step_fn, init, batch_fn, num_iterations=hp.num_iterations,
+                       workdir=os.path.join(workdir, "denoiser"), checkpoint_every=config.train.checkpoint_every,
+                       desc="denoiser", progress=progress)
   return state["ema"]
+
+
+def train_denoiser(config, workdir: str, tokenizer, vae_params, scaling_factor: float, progress: bool = True):
+  """Trains (or resumes) the UNet and both text encoders in `workdir/denoiser`; returns the EMA tree."""
+  denoiser = Denoiser(config, tokenizer, scaling_factor)
+  return fit_denoiser(config, config.unet, workdir, denoiser.init,
+                      lambda params, batch, key: denoiser.loss(params, vae_params, *batch, key),
+                      lambda step: captioned_batch(config, tokenizer, step, config.unet.batch_size), progress)
 
 
 # ---- stage 3: the Diffusers folder -------------------------------------------------------------
@@ -348,11 +357,11 @@ def pretrain_pipeline(config, workdir: str) -> str:
   tokenizer = make_tokenizer(config)
   vae_params = train_vae(config, workdir, progress)
   scaling = latent_scaling_factor(config, vae_params)
-  logging.warning("VAE latent scaling factor %.5f", scaling)
+  logging.info("VAE latent scaling factor %.5f", scaling)
   denoiser_params = train_denoiser(config, workdir, tokenizer, vae_params, scaling, progress)
   out = write_pipeline(config, os.path.join(workdir, "pipeline"), tokenizer, vae_params, scaling, denoiser_params)
   evaluator_dir = os.path.join(workdir, "evaluator")
   if not os.path.isfile(os.path.join(evaluator_dir, evaluator.WEIGHTS_FILE)):
-    logging.warning("evaluator: %s", train_evaluator(config, evaluator_dir))
+    logging.info("evaluator: %s", train_evaluator(config, evaluator_dir))
   write_prompts(config, workdir)
   return out

@@ -1,10 +1,11 @@
-"""Real TDM iterations of the full-size SDXL architecture on this CPU: the whole program runs.
+"""Real TDM iterations of a full-size teacher on this CPU: the whole program runs.
 
-  python benchmarks/sdxl_cpu_iteration.py [--resolution=256] [--batch_size=2] [--iterations=2]
+  python benchmarks/cpu_iteration.py [--config=configs/sdxl.py] [--resolution=256] [--batch_size=2] [--iterations=2]
+  python benchmarks/cpu_iteration.py --config=configs/pixart_alpha.py --config.model.lora_rank=64
 
-Random weights made on the mesh from the published configs (both text encoders, the UNet as
-the bf16 frozen teacher), LoRA student and fake score (configs/sdxl.py's rank 64), prompts
-tokenized by the stand-in tokenizer and encoded inside the step. Prints the time to make the
+Random weights made on the mesh from the config's published configs (`model.reference`: the text
+encoders and the denoiser as the bf16 frozen teacher), the config's student and fake score (LoRA for
+configs/sdxl.py), prompts tokenized by the stand-in tokenizer and encoded inside the step. Prints the time to make the
 weights, to trace and compile the step, the wall time of each iteration, its losses, and the
 process's peak resident memory. The step and the state's two init programs are compiled from
 shapes before any weight is made, so the compiler's own peak memory and the run's are not added
@@ -79,7 +80,8 @@ def main(_):
     compiled, times = train.compile_step(train.make_train_step(abstract, config), p, p.abstract_state,
                                          teacher_abstract,
                                          sharding.with_shardings(abstract.conditioner, p.conditioner), inputs(0))
-    print(f"SDXL {config.model.resolution} px, batch {config.train.batch_size}, LoRA rank {config.model.lora_rank}, "
+    print(f"{config.model.reference} {config.model.resolution} px, batch {config.train.batch_size}, "
+          f"LoRA rank {config.model.lora_rank}, "
           f"compute {config.model.dtype}, teacher {config.model.teacher_dtype}, 1 CPU device")
     print(f"trace {times['trace_s']:.1f} s, compile {times['compile_s']:.1f} s; compiled memory (GiB) "
           f"{ {k: round(v / 2**30, 2) for k, v in train.memory_summary(compiled).items()} }; "
