@@ -12,7 +12,6 @@ table (`step_embedding`) has no Diffusers counterpart: `fold_step_embedding` fol
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, Dict, Mapping, Tuple, Union
 
 import flax
@@ -20,12 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tdm_jax.convert import names
 from tdm_jax.convert.errors import ConversionError, check_conversion
 from tdm_jax.models.pixart import PixArtConfig, PixArtTransformer2DModel
 
 STEP_EMBEDDING = "step_embedding"
 STEP_BIAS = ("adaln_single", "emb", "timestep_embedder", "linear_2", "bias")
-_LIST_RE = re.compile(r"^(transformer_blocks|to_out|net)_(\d+)$")
+_LIST_RE = names.list_pattern(("transformer_blocks", "to_out", "net"))
 _RENAMED = {"kernel": "weight"}  # our leaf -> Diffusers' (others keep their names)
 
 ConfigLike = Union[PixArtConfig, Mapping[str, Any]]
@@ -53,29 +53,17 @@ def abstract_params(config: ConfigLike):
 
 
 def expected_param_shapes(config: ConfigLike) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
-  params = flax.core.meta.unbox(abstract_params(config))
-  return {path: tuple(leaf.shape) for path, leaf in flax.traverse_util.flatten_dict(params).items()}
+  return names.flat_shapes(abstract_params(config))
 
 
 def our_path(name: str) -> Tuple[str, ...]:
   """'transformer_blocks.0.attn1.to_out.0.weight' -> ('transformer_blocks_0', 'attn1', 'to_out_0', 'kernel')."""
-  parts = []
-  for part in name.split("."):
-    if part.isdigit() and parts:
-      parts[-1] = f"{parts[-1]}_{part}"
-    else:
-      parts.append(part)
-  if parts[-1] == "weight":
-    parts[-1] = "kernel"
-  return tuple(parts)
+  path = names.split_indices(name)
+  return path[:-1] + ("kernel",) if path[-1] == "weight" else path
 
 
 def diffusers_name(path: Tuple[str, ...]) -> str:
-  parts = []
-  for part in path[:-1]:
-    m = _LIST_RE.match(part)
-    parts.append(f"{m.group(1)}.{m.group(2)}" if m else part)
-  return ".".join(parts + [_RENAMED.get(path[-1], path[-1])])
+  return names.join_indices(path[:-1] + (_RENAMED.get(path[-1], path[-1]),), _LIST_RE)
 
 
 def _axes(path: Tuple[str, ...], ndim: int, to_ours: bool) -> Tuple[int, ...]:

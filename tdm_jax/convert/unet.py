@@ -9,7 +9,6 @@ is caught and named before anything is built.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Dict, Mapping, Tuple, Union
 
 import flax
@@ -18,13 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
+from tdm_jax.convert import names
 from tdm_jax.convert.errors import ConversionError, check_conversion
 
 # Diffusers containers whose children are indexed (`resnets.0`); ours are `resnets_0`.
 _LISTS = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks",
           "downsamplers", "upsamplers", "to_out", "net")
 _WEIGHTS = ("kernel", "scale", "embedding")  # our names of Diffusers' `weight`
-_LIST_RE = re.compile(r"^(%s)_(\d+)$" % "|".join(_LISTS))
+_LIST_RE = names.list_pattern(_LISTS)
 
 
 def _as_config(config: Union[UNetConfig, Mapping[str, Any]]) -> UNetConfig:
@@ -50,27 +50,15 @@ def abstract_params(config: Union[UNetConfig, Mapping[str, Any]]):
 
 def expected_param_shapes(config: Union[UNetConfig, Mapping[str, Any]]) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
   """Flattened {path: shape} of the UNet's parameters, from `jax.eval_shape` of init (no FLOPs)."""
-  params = flax.core.meta.unbox(abstract_params(config))
-  return {path: tuple(leaf.shape) for path, leaf in flax.traverse_util.flatten_dict(params).items()}
+  return names.flat_shapes(abstract_params(config))
 
 
-def our_path(name: str) -> Tuple[str, ...]:
-  """'down_blocks.0.resnets.1.norm1.weight' -> ('down_blocks_0', 'resnets_1', 'norm1', 'weight')."""
-  parts = []
-  for part in name.split("."):
-    if part.isdigit() and parts:
-      parts[-1] = f"{parts[-1]}_{part}"
-    else:
-      parts.append(part)
-  return tuple(parts)
+# 'down_blocks.0.resnets.1.norm1.weight' -> ('down_blocks_0', 'resnets_1', 'norm1', 'weight').
+our_path = names.split_indices
 
 
 def diffusers_name(path: Tuple[str, ...]) -> str:
-  parts = []
-  for part in path:
-    m = _LIST_RE.match(part)
-    parts.append(f"{m.group(1)}.{m.group(2)}" if m else part)
-  return ".".join(parts)
+  return names.join_indices(path, _LIST_RE)
 
 
 def _leaf_candidates(prefix: Tuple[str, ...], leaf: str):

@@ -1,1 +1,1 @@
-"""Tasks TDM distils, one subpackage each with its helpers: a vector toy, Diffusers pipelines, the shapes teacher."""
+"""Tasks TDM distils, one subpackage each with its helpers: a vector toy, Diffusers pipelines, the shapes teachers."""

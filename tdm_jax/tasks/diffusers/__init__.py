@@ -1,1 +1,1 @@
-"""The Diffusers task: a text-to-image pipeline folder (SD 1.5 / 2.x, SDXL) in Flax, distilled as a TDM task."""
+"""The Diffusers task: a text-to-image pipeline folder (SD 1.5 / 2.x, SDXL, PixArt-alpha / -Sigma) in Flax, distilled as a TDM task."""

@@ -1,1 +1,1 @@
-"""The shapes task: a procedural captioned dataset, the shipped teacher made from it, and its attribute classifier."""
+"""The shapes task: a procedural captioned dataset, the shipped teachers made from it (SDXL-style and PixArt-style), and its attribute classifier."""

@@ -1,0 +1,40 @@
+"""The second main command: TDM on the shipped PixArt-style shapes pipeline, on CPU, end to end.
+
+  python -m tdm_jax.main --config=configs/shapes_pixart.py --workdir=/tmp/tdm_shapes_pixart
+
+converts the small PixArt-alpha Diffusers folder in tdm_jax/assets/shapes_pixart/pipeline (a DiT with
+a T5 encoder: the path configs/pixart_alpha.py takes), distils ONE student for 1, 2 and 4 steps with
+unified TDM on the authors' PixArt recipe (S = 900 on PixArt's linear betas, full-copy student and
+fake score), exports it as WORKDIR/export/pipeline_{K}step (a stock `PixArtAlphaPipeline` call with
+guidance_scale=1.0 samples it) and writes the evaluation table and grids to WORKDIR/eval, scored as
+configs/shapes.py's are: the same evaluator, the same held-out captions.
+configs/shapes_pixart_teacher.py remakes the teacher itself.
+"""
+
+import ml_collections
+
+from tdm_jax import default_config
+from tdm_jax.tasks.shapes import pixart_teacher
+from tdm_jax.tasks.shapes import teacher as shapes_teacher
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = default_config.diffusers_config(dtype="float32", teacher_dtype="float32", remat=False)
+  config.teacher.pipeline = pixart_teacher.SHIPPED_PIPELINE
+  config.data.prompt_source = shapes_teacher.SHIPPED_TRAIN_PROMPTS
+  config.tdm.total_steps = 900  # the authors' PixArt setting (student timesteps 899/674/449/224)
+  config.tdm.guidance_scale = 4.0
+  config.tdm.step_choices = (1, 2, 4)
+  config.optim.student_lr = 2e-5
+  config.optim.fake_lr = 1e-4
+  config.optim.lr_scales = (("^step_embedding/", 100.0),)  # the K table's rate, as configs/shapes.py's
+  config.train.batch_size = 32
+  config.train.num_iterations = 500
+  config.train.checkpoint_every = 100
+  config.eval.prompt_file = shapes_teacher.SHIPPED_EVAL_PROMPTS
+  config.eval.classifier = shapes_teacher.SHIPPED_EVALUATOR
+  config.eval.num_samples = 128
+  config.eval.samples_per_prompt = 4
+  config.eval.teacher_steps = (50, 25, 4)
+  config.eval.student_steps = (1, 2, 4)
+  return config

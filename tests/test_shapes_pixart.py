@@ -1,0 +1,71 @@
+"""The shipped PixArt-style shapes teacher (tdm_jax/assets/shapes_pixart): a real Diffusers
+PixArtAlphaPipeline folder that stock Diffusers samples as our sampler does, and the second main command."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from tdm_jax.convert import folders
+from tdm_jax.core import sample
+from tdm_jax.core.schedules import from_diffusers_config
+from tdm_jax.infra import data
+from tdm_jax.models.vae import AutoencoderKL
+from tdm_jax.tasks.diffusers.description import describe
+from tdm_jax.tasks.diffusers.weights import convert_pipeline, load_prompt_encoder
+from tdm_jax.tasks.shapes import pixart_teacher
+from tdm_jax.tasks.shapes import teacher as shapes_teacher
+
+PIPELINE = pixart_teacher.SHIPPED_PIPELINE
+PROMPTS = ["a small red circle in the top left on a white background",
+           "a large blue square in the center and a small yellow triangle in the bottom right on a gray background"]
+
+
+def test_shipped_folder_is_a_small_pixart_pipeline():
+  size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(PIPELINE) for f in files)
+  assert size <= 25 * 2**20, f"the shipped PixArt pipeline takes {size / 2**20:.1f} MiB"
+  d = describe(PIPELINE)
+  assert d.pipeline_class == "PixArtAlphaPipeline" and d.backbone.name == "pixart" and d.family.max_length == 120
+  assert [s.kind.name for s in d.encoders] == ["t5"]
+  assert set(os.listdir(os.path.join(PIPELINE, "tokenizer"))) >= {"spiece.model", "tokenizer_config.json"}
+  tokenizer = d.encoders[0].kind.load_tokenizer(os.path.join(PIPELINE, "tokenizer"))
+  for prompt in data.read_prompts(shapes_teacher.SHIPPED_EVAL_PROMPTS):  # every caption word is in the vocabulary
+    assert tokenizer.unk_token_id not in tokenizer(prompt).input_ids, prompt
+  assert d.scheduler_config["_class_name"] == "DPMSolverMultistepScheduler"
+  assert d.scheduler_config["beta_schedule"] == "linear"
+
+
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "DPMSolverMultistepScheduler"])
+def test_diffusers_pixart_pipeline_makes_the_images_our_sampler_makes(scheduler):
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  pipe = diffusers.PixArtAlphaPipeline.from_pretrained(PIPELINE)
+  scheduler_config = dict(pipe.scheduler.config)
+  overrides = dict(timestep_spacing="trailing", **({"clip_sample": False} if scheduler == "DDIMScheduler" else {}))
+  pipe.scheduler = getattr(diffusers, scheduler).from_config(scheduler_config, **overrides)
+  pipe.set_progress_bar_config(disable=True)
+  steps, guidance = 5, 4.0  # a step count that divides 1000: Diffusers' DDIM lands where "trailing" starts the next
+  z = np.array(jax.random.normal(jax.random.PRNGKey(3), (len(PROMPTS), 4, 8, 8)), np.float32)
+  theirs = pipe(PROMPTS, latents=torch.from_numpy(z.copy()), num_inference_steps=steps, guidance_scale=guidance,
+                use_resolution_binning=False, clean_caption=False, output_type="np").images
+
+  d = describe(PIPELINE)
+  trees = convert_pipeline(PIPELINE)
+  cond, uncond = load_prompt_encoder(PIPELINE)(PROMPTS)
+  model = d.backbone.module(d.denoiser_config)
+  solver = "ddim" if scheduler == "DDIMScheduler" else "dpm_solver_2m"
+  latents = sample.teacher_sample(d.backbone.apply_fn(model), trees["transformer"], from_diffusers_config(scheduler_config),
+                                  z, cond, uncond, num_steps=steps, guidance_scale=guidance, solver=solver,
+                                  spacing="trailing")
+  ours = np.clip(np.asarray(AutoencoderKL(d.vae_config()).images_from_latents(trees["vae"], latents))
+                 .transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
+  assert ours.shape == theirs.shape == (2, 32, 32, 3)
+  np.testing.assert_allclose(ours, theirs, atol=2e-3)
+  assert np.abs(theirs[0] - theirs[1]).mean() > 0.05  # the prompts make different images
+
+
+def test_readme_names_the_second_main_command():
+  with open(os.path.join(REPO, "README.md")) as f:
+    assert "python -m tdm_jax.main --config=configs/shapes_pixart.py --workdir=" in f.read()
