@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+import cpu_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
@@ -80,6 +82,26 @@ def distilled_sdxl(tmp_path_factory):
   assert tdm_main.run(config, workdir, "convert") == os.path.join(workdir, "converted")
   state = tdm_main.run(config, workdir, "train")
   return pipe, config, workdir, diffusers_task.build_task(config, workdir), state
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+  """One persistent XLA compilation cache for the whole session, made by the controlling process before
+  pytest-xdist starts its workers, so that every worker and every subprocess a test starts (the CLI
+  runs, the multi-process job, the notebook's kernel) inherit it: a program compiled once (the same
+  tiny step in a killed and a resumed run, in one-process and two-process runs) is loaded, not compiled
+  again. Results are the same executables; a test that sets `compilation_cache` itself overrides it.
+  XLA:CPU compiles at LLVM level 0 in every test process (tests/cpu_flags.py)."""
+  if hasattr(config, "workerinput"):
+    return  # a worker: it inherited the controller's environment
+  if cpu_flags.FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {cpu_flags.FAST_COMPILE}".strip()
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # else a cache the caller chose
+    import tempfile  # pylint: disable=g-import-not-at-top
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tdm_jax_tests_xla_cache_")
+  # Every program, however quick to compile: the CLI runs and the multi-process job's processes compile
+  # the same hundreds of small ones (initialisers, eager ops) that another process already compiled.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 # Tests that share a session fixture run in one pytest-xdist worker (`-n 2 --dist loadgroup`, as the README's

@@ -7,6 +7,8 @@ import subprocess
 
 import pytest
 
+import cpu_flags
+
 from tdm_jax.convert import folders
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,7 +100,7 @@ def notebook_run(tmp_path_factory):
       "", f"REPO = {REPO!r}", "INSTALL = False", f"WORKDIR = {str(workdir)!r}",
       "ITERATIONS = 2", "BATCH_SIZE = 8", "EVAL_SAMPLES = 4",
       "EVAL_OVERRIDES = {'teacher_steps': (2,), 'student_steps': (1,), 'samples_per_prompt': 2}"])
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}  # two cores for the mesh
+  env = {"XLA_FLAGS": cpu_flags.xla_flags(2), "JAX_PLATFORMS": "cpu"}  # two cores for the mesh
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
   try:

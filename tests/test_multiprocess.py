@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+import cpu_flags
 import tiny_pipeline
 from tdm_jax import main as tdm_main
 from tdm_jax.infra import checkpoint
@@ -31,7 +32,7 @@ def free_port() -> int:
 
 def launch(workdir, flags, *, process_id, port, num_processes=2, devices=4, extra_env=None, log_dir=None):
   """One process of a local job, configured through the environment as launch/local.sh does it."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": cpu_flags.xla_flags(devices),
          "TDM_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "TDM_NUM_PROCESSES": str(num_processes),
          "TDM_PROCESS_ID": str(process_id), **(extra_env or {})}
   env = {k: v for k, v in env.items() if v is not None}

@@ -18,6 +18,7 @@ from tdm_jax.core import tdm, train
 from tdm_jax.infra import checkpoint, metrics
 from tdm_jax.tasks.toy import task as toy_task
 
+import cpu_flags
 from conftest import REPO
 
 
@@ -360,7 +361,7 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path, case):
     workdir, message = str(tmp_path / "a_file" / "w"), "cannot be written (NotADirectoryError"
   else:
     flags, message, base = [f"--config.teacher.pipeline={tmp_path / 'nowhere'}"], "nowhere", ["--config=configs/sdxl.py"]
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = {"XLA_FLAGS": cpu_flags.xla_flags(1)}
   result = _main(workdir, *flags, env=env, base=base)
   assert result.returncode == 2, result.stderr[-2000:]
   assert "Traceback" not in result.stderr
@@ -379,7 +380,7 @@ def test_compilation_cache_is_written_then_read(toy_teacher_dir, tmp_path):
   entries = []
   for name in ("cold", "warm"):
     shutil.copytree(os.path.join(toy_teacher_dir, "teacher"), tmp_path / name / "teacher")
-    result = _main(str(tmp_path / name), *flags, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    result = _main(str(tmp_path / name), *flags, env={"XLA_FLAGS": cpu_flags.xla_flags(1)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"persistent compilation cache in {cache}" in result.stderr
     entries.append(sorted(os.listdir(cache)))

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import os
 import types
+import weakref
 import zlib
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -124,23 +125,23 @@ def kind_for(class_name: str, component: str) -> TextEncoderKind:
   return KINDS[class_name]
 
 
-_TRUNCATION_WARNED = set()
+_TRUNCATION_WARNED = weakref.WeakSet()  # tokenizers that have said so once (a run keeps its tokenizers)
 
 
 def tokenize(tokenizer, prompts: Sequence[str], max_length: Optional[int] = None, *, warn_as: str = "") -> dict:
   """{"ids", "mask"} (int32, (batch, length)): padded to `max_length` (default the tokenizer's
   model_max_length: 77 for CLIP) and truncated, as Diffusers' encode_prompt does. With `warn_as`
-  (the encoder's name), the first prompt cut short says so once, as Diffusers warns."""
+  (the encoder's name), the first prompts cut short by this tokenizer say so, once, as Diffusers warns."""
   length = max_length or tokenizer.model_max_length
   out = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="np")
   mask = getattr(out, "attention_mask", None)
   if mask is None:
     mask = np.ones_like(out.input_ids)
-  if warn_as and warn_as not in _TRUNCATION_WARNED and not isinstance(tokenizer, StandInTokenizer):
+  if warn_as and tokenizer not in _TRUNCATION_WARNED and not isinstance(tokenizer, StandInTokenizer):
     full = tokenizer(list(prompts), padding="longest", truncation=False).input_ids
     cut = [p for p, ids in zip(prompts, full) if len(ids) > length]
     if cut:
-      _TRUNCATION_WARNED.add(warn_as)
+      _TRUNCATION_WARNED.add(tokenizer)
       logging.warning("%s can only handle sequences up to %d tokens: %d prompt(s) truncated, e.g. %r (further "
                       "truncations are not reported)", warn_as, length, len(cut), cut[0][:200])
   return {"ids": np.asarray(out.input_ids, np.int32), "mask": np.asarray(mask, np.int32)}
