@@ -3,6 +3,7 @@
 import json
 import os
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,7 @@ import diffusers
 import safetensors.numpy as safetensors_numpy
 import torch
 
+from tdm_jax.convert.errors import ConversionError  # noqa: E402
 from tdm_jax.convert.vae import vae_params_from_state_dict, vae_state_dict_from_params  # noqa: E402
 from tdm_jax.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
 
@@ -77,6 +79,15 @@ def test_encode_decode_parity(tiny_vae):
   assert set(back) == set(state)
   for k in state:
     np.testing.assert_array_equal(back[k], state[k], err_msg=k)
+  # A tree that is not the config's is refused before export, every difference named.
+  flat = flax.traverse_util.flatten_dict(params)
+  first, second = sorted(flat)[:2]
+  bad = {**flat, first: np.zeros((3,), np.float32), ("extra", "kernel"): np.zeros((1,), np.float32)}
+  del bad[second]
+  with pytest.raises(ConversionError, match=r"VAE params do not match the config:\n  missing: \['"
+                     + "/".join(second) + r"'\]\n  extra: \['extra/kernel'\]\n  wrong shape: \['"
+                     + "/".join(first) + r": expected \(\d"):
+    vae_state_dict_from_params(flax.traverse_util.unflatten_dict(bad), cfg)
 
 
 def test_logical_axes_on_every_param(tiny_vae):

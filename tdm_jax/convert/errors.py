@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from tdm_jax.infra.errors import ConfigError
 
@@ -46,3 +48,18 @@ def check_mapped_conversion(what: str, unused, unfilled, mismatched, hint: str) 
   """`check_conversion` with mismatches as (name, expected shape, found shape) triples."""
   check_conversion(what, unfilled=unfilled, unused=unused,
                    mismatched=[f"{n}: expected {e}, got {g}" for n, e, g in mismatched], hint=hint)
+
+
+def check_params_match(what: str, flat: Mapping[tuple, Any], expected: Mapping[tuple, Any]) -> None:
+  """Before an export: our flattened `params` hold exactly the leaves (and shapes) `expected` says the
+  config has; else one error naming what is missing, extra and of the wrong shape."""
+  shapes = {p: tuple(getattr(e, "shape", e)) for p, e in expected.items()}  # shapes or ShapeDtypeStructs
+  missing = sorted("/".join(p) for p in shapes if p not in flat)
+  extra = sorted("/".join(p) for p in flat if p not in shapes)
+  wrong = sorted(f"{'/'.join(p)}: expected {shapes[p]}, got {tuple(np.shape(v))}"
+                 for p, v in flat.items() if p in shapes and tuple(np.shape(v)) != shapes[p])
+  if missing or extra or wrong:
+    raise ConversionError(
+        f"{what} params do not match the config:\n"
+        + (f"  missing: {missing}\n" if missing else "") + (f"  extra: {extra}\n" if extra else "")
+        + (f"  wrong shape: {wrong}\n" if wrong else ""))

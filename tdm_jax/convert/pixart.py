@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tdm_jax.convert import names
-from tdm_jax.convert.errors import ConversionError, check_conversion
+from tdm_jax.convert.errors import ConversionError, check_conversion, check_params_match
 from tdm_jax.models.pixart import PixArtConfig, PixArtTransformer2DModel
 
 STEP_EMBEDDING = "step_embedding"
@@ -115,15 +115,7 @@ def pixart_state_dict_from_params(params: Mapping[str, Any], config: ConfigLike)
     raise ConversionError("PixArt params carry a step-count table (step_embedding / num_step_embeds), which "
                           "Diffusers' model has not: fold one row with fold_step_embedding before export")
   expected = expected_param_shapes(config)
-  missing = sorted("/".join(p) for p in expected if p not in flat)
-  extra = sorted("/".join(p) for p in flat if p not in expected)
-  wrong = sorted(f"{'/'.join(p)}: expected {expected[p]}, got {tuple(np.shape(v))}"
-                 for p, v in flat.items() if p in expected and tuple(np.shape(v)) != expected[p])
-  if missing or extra or wrong:
-    raise ConversionError(
-        "PixArt params do not match the config:\n"
-        + (f"  missing: {missing}\n" if missing else "") + (f"  extra: {extra}\n" if extra else "")
-        + (f"  wrong shape: {wrong}\n" if wrong else ""))
+  check_params_match("PixArt", flat, expected)
   out = {}
   for path, value in flat.items():
     value = np.asarray(jax.device_get(value))

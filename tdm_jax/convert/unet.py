@@ -18,7 +18,7 @@ import numpy as np
 
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from tdm_jax.convert import names
-from tdm_jax.convert.errors import ConversionError, check_conversion
+from tdm_jax.convert.errors import ConversionError, check_conversion, check_params_match
 
 # Diffusers containers whose children are indexed (`resnets.0`); ours are `resnets_0`.
 _LISTS = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks",
@@ -127,15 +127,7 @@ def unet_state_dict_from_params(params: Mapping[str, Any],
   """Our parameter tree -> Diffusers UNet state dict (name -> numpy array), checked against config."""
   expected = expected_param_shapes(config)
   flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(flax.core.unfreeze(params)))
-  missing = sorted("/".join(p) for p in expected if p not in flat)
-  extra = sorted("/".join(p) for p in flat if p not in expected)
-  wrong = sorted(f"{'/'.join(p)}: expected {expected[p]}, got {tuple(np.shape(v))}"
-                 for p, v in flat.items() if p in expected and tuple(np.shape(v)) != expected[p])
-  if missing or extra or wrong:
-    raise ConversionError(
-        "UNet params do not match the config:\n"
-        + (f"  missing: {missing}\n" if missing else "") + (f"  extra: {extra}\n" if extra else "")
-        + (f"  wrong shape: {wrong}\n" if wrong else ""))
+  check_params_match("UNet", flat, expected)
   out = {}
   for path, value in flat.items():
     leaf = "weight" if path[-1] in _WEIGHTS else path[-1]

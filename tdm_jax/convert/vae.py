@@ -15,7 +15,7 @@ import numpy as np
 from flax import traverse_util
 
 from tdm_jax.models.vae import AutoencoderKL, VAEConfig
-from tdm_jax.convert.errors import check_conversion
+from tdm_jax.convert.errors import check_conversion, check_params_match
 
 ConfigLike = Union[VAEConfig, Mapping[str, Any]]
 
@@ -93,10 +93,7 @@ def vae_state_dict_from_params(params, config: ConfigLike) -> Dict[str, np.ndarr
   """Our Flax params tree -> Diffusers AutoencoderKL tensors (name -> numpy array)."""
   expected = expected_param_shapes(config)
   flat = traverse_util.flatten_dict(params)
-  if set(flat) != set(expected):
-    extra = sorted("/".join(p) for p in set(flat) - set(expected))
-    absent = sorted("/".join(p) for p in set(expected) - set(flat))
-    raise ValueError(f"VAE params do not match the config: unexpected {extra}, missing {absent}")
+  check_params_match("VAE", flat, expected)
   out = {}
   for path, value in flat.items():
     value = np.asarray(value)
