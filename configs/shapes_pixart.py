@@ -31,10 +31,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.batch_size = 32
   config.train.num_iterations = 500
   config.train.checkpoint_every = 100
-  config.eval.prompt_file = shapes_teacher.SHIPPED_EVAL_PROMPTS
-  config.eval.classifier = shapes_teacher.SHIPPED_EVALUATOR
-  config.eval.num_samples = 128
-  config.eval.samples_per_prompt = 4
-  config.eval.teacher_steps = (50, 25, 4)
-  config.eval.student_steps = (1, 2, 4)
+  shapes_teacher.use_shapes_benchmark(config.eval)
   return config

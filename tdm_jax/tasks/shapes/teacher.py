@@ -53,6 +53,20 @@ SHIPPED_PIPELINE = os.path.join(ASSETS, "pipeline")
 SHIPPED_EVALUATOR = os.path.join(ASSETS, "evaluator")
 SHIPPED_TRAIN_PROMPTS = os.path.join(ASSETS, "prompts_train.txt")
 SHIPPED_EVAL_PROMPTS = os.path.join(ASSETS, "prompts_eval.txt")
+
+
+def use_shapes_benchmark(eval_config) -> None:
+  """Sets `config.eval` to the shapes benchmark every shapes main command is scored on: the shipped
+  evaluator, the 128 held-out captions x 4 noises, the teacher at 50, 25 and 4 steps, the student at
+  1, 2 and 4. One place, so that the SDXL-style and transformer teachers' tables stay comparable."""
+  eval_config.prompt_file = SHIPPED_EVAL_PROMPTS
+  eval_config.classifier = SHIPPED_EVALUATOR
+  eval_config.num_samples = 128
+  eval_config.samples_per_prompt = 4
+  eval_config.teacher_steps = (50, 25, 4)
+  eval_config.student_steps = (1, 2, 4)
+
+
 # Data streams (seed * 1000 + stream): each use of the procedural data draws from its own.
 VAE_STREAM, DENOISER_STREAM, SCALING_STREAM, TRAIN_PROMPT_STREAM, EVAL_PROMPT_STREAM = range(5)
 DIFFUSERS_VERSION = "0.42.1"  # the version the folder layout was checked against (tests load it)
