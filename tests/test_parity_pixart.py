@@ -25,7 +25,8 @@ from tdm_jax.convert.errors import ConversionError
 from tdm_jax.convert.pixart import (abstract_params, fold_step_embedding, pixart_params_from_state_dict,
                                     pixart_state_dict_from_params)
 from tdm_jax.infra.errors import ConfigError
-from tdm_jax.models.pixart import DIFFUSERS_KEYS, PixArtConfig, PixArtTransformer2DModel, sincos_pos_embed
+from tdm_jax.models.pixart import (DIFFUSERS_KEYS, PixArtConfig, PixArtTransformer2DModel, pixart_alpha_init,
+                                   sincos_pos_embed)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTION = 12
@@ -239,3 +240,32 @@ def test_remat_same_output_and_gradients(tmp_path):
   assert max(diffs) <= 1e-5 * scale, (max(diffs), scale)
   # Gradients reach every block's parameters, including the cross-attention under the mask.
   assert float(jnp.max(jnp.abs(remat_grads["transformer_blocks_1"]["attn2"]["to_k"]["kernel"]))) > 0
+
+
+def test_pixart_alpha_init():
+  """Trained from nothing (the embedded teacher), the transformer starts as PixArt-alpha's training code
+  starts it: cross-attention outputs and the final projection at zero (the model outputs zeros), the
+  timestep / size embedders, adaLN-single and caption projections at N(0, 0.02), other kernels
+  xavier-uniform, every bias zero; the modulation tables keep their draws."""
+  config = PixArtConfig(**VARIANTS["alpha_1024_ms"])
+  sample, t, caption, mask, res, ratio = _inputs(VARIANTS["alpha_1024_ms"], 8, 8)
+  params = flax.linen.meta.unbox(PixArtTransformer2DModel(config).init(
+      jax.random.key(0), sample, t, caption, mask, res, ratio)["params"])
+  fresh = flax.traverse_util.flatten_dict(pixart_alpha_init(params, jax.random.key(1)), sep="/")
+  before = flax.traverse_util.flatten_dict(params, sep="/")
+  assert fresh.keys() == before.keys()
+  assert np.all(_ours(config, pixart_alpha_init(params, jax.random.key(1)), sample, t, caption, mask, res,
+                      ratio) == 0)
+  small = [p for p in fresh if p.endswith("kernel") and p.startswith(("adaln_single/", "caption_projection/"))]
+  assert "adaln_single/emb/resolution_embedder/linear_1/kernel" in small and len(small) == 9, small
+  for path, value in fresh.items():
+    value = np.asarray(value)
+    if "scale_shift_table" in path:
+      np.testing.assert_array_equal(value, before[path])
+    elif path.endswith("bias") or "/attn2/to_out_0/" in path or path.startswith("proj_out/"):
+      assert np.all(value == 0), path
+    elif path in small:
+      assert abs(value.std() - 0.02) < 0.006, (path, value.std())
+    else:
+      bound = (6.0 / (value.size // value.shape[-1] + value.shape[-1])) ** 0.5
+      assert np.abs(value).max() <= bound and np.abs(value).max() > 0.8 * bound, path

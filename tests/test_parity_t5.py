@@ -267,3 +267,23 @@ def test_tokenizer_folder_errors(tmp_path):
   transformers.T5TokenizerFast(vocab_file=str(tmp_path / "good" / "spiece.model")).save_pretrained(tmp_path / "broken")
   with pytest.raises(FolderError, match="<unk>"):
     load_tokenizer(tmp_path / "broken")
+
+
+def test_init_draws_as_transformers():
+  """Trained from nothing (the embedded PixArt teacher's encoder), our T5 starts where Transformers' does:
+  per-weight standard deviations equal to `T5PreTrainedModel._init_weights`'s (the query's folds in the
+  missing 1/sqrt(d_kv)), norms at one."""
+  kwargs = dict(tiny_t5.TINY_ENCODER, d_model=64, d_kv=16, d_ff=256)
+  config = T5Config(vocab_size=VOCAB, **kwargs)
+  ours = nn.meta.unbox(T5Encoder(config).init(jax.random.key(3), jnp.zeros((1, 4), jnp.int32))["params"])
+  torch.manual_seed(0)
+  theirs = transformers.T5EncoderModel(transformers.T5Config(vocab_size=VOCAB, **kwargs))
+  ours = t5_state_dict_from_params(ours, config)
+  for name, value in _state_dict(theirs).items():
+    if name == "encoder.embed_tokens.weight":
+      continue  # tied to shared.weight
+    expected, got = float(np.std(value)), float(np.std(ours[name]))
+    if name.endswith("layer_norm.weight"):
+      assert np.all(ours[name] == 1.0), name
+    else:  # two samples' standard deviations: a tolerance of 4 standard errors of their ratio
+      assert abs(got - expected) <= 4 * expected / np.sqrt(value.size), (name, got, expected)

@@ -11,6 +11,7 @@ from conftest import REPO  # noqa: F401 (puts the repo on sys.path)
 from tdm_jax import main as tdm_main
 from tdm_jax.convert import folders
 from tdm_jax.core import pretrain
+from tdm_jax.core.schedules import make_schedule
 from tdm_jax.infra import data, metrics
 from tdm_jax.tasks.shapes import data as shapes_data
 from tdm_jax.tasks.shapes import evaluator
@@ -93,3 +94,53 @@ def test_pretrain_mode_only_for_the_teacher_task(tmp_path):
   from configs import shapes  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="--mode=pretrain"):
     tdm_main.run(shapes.get_config(), str(tmp_path), "pretrain")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_loss_is_the_x0_error_weighted_by_clipped_snr(prediction_type):
+  """The min-SNR-gamma objective, whatever the prediction type, equals the x0 error weighted by
+  min(SNR, gamma); without gamma the loss is the plain mean squared error of the output."""
+  schedule = make_schedule(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type=prediction_type)
+  x0 = jax.random.normal(jax.random.key(0), (16, 3, 4, 4))
+  apply = lambda params, x_t, t, cond: params * x_t  # any output: the identity below is exact
+  key, gamma = jax.random.key(1), 5.0
+  t_key, n_key, _ = jax.random.split(key, 3)
+  t = jax.random.randint(t_key, (16,), 0, schedule.num_train_timesteps)
+  eps = jax.random.normal(n_key, x0.shape)
+  x_t = schedule.add_noise(x0, eps, t)
+  x0_error = jnp.mean((schedule.to_x0(0.3 * x_t, x_t, t) - x0) ** 2, axis=(1, 2, 3))
+  expected = jnp.mean(x0_error * jnp.minimum(schedule.snr(t), gamma))
+  cond = {"caption": jnp.zeros((16, 2))}
+  got = pretrain.denoising_loss(0.3, apply, schedule, x0, cond, cond, key, 0.0, min_snr_gamma=gamma)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  assert jnp.any(schedule.snr(t) > gamma) and jnp.any(schedule.snr(t) < gamma)  # both branches drawn
+  plain = jnp.mean((0.3 * x_t - schedule.from_x0_eps(x0, eps, t)) ** 2)
+  np.testing.assert_allclose(pretrain.denoising_loss(0.3, apply, schedule, x0, cond, cond, key, 0.0), plain, rtol=1e-6)
+
+
+def test_pixart_pretrain_mode_makes_a_pixart_folder(tmp_path):
+  """The transformer teacher's config, tiny and short (min-SNR weighting on), through the CLI entry:
+  a PixArtAlphaPipeline folder whose transformer started from PixArt-alpha's init; then it resumes."""
+  from configs import shapes_pixart_teacher as teacher_config  # pylint: disable=g-import-not-at-top
+  config = teacher_config.get_config()
+  config.transformer.num_iterations = 2
+  config.transformer.batch_size = 2
+  config.transformer.num_layers = 1
+  config.transformer.num_attention_heads = 2
+  config.transformer.attention_head_dim = 8
+  config.transformer.min_snr_gamma = 5.0
+  config.text.num_layers = 1
+  config.text.tokenizer_captions = 2000
+  config.train.progress = False
+  workdir = str(tmp_path / "pixart_teacher")
+  out = tdm_main.run(config, workdir, "pretrain")
+  assert out == os.path.join(workdir, "pipeline")
+  assert folders.read_model_index(out)["_class_name"] == "PixArtAlphaPipeline"
+  transformer = folders.read_config(folders.component_path(out, "transformer"))
+  assert (transformer["num_layers"], transformer["attention_head_dim"]) == (1, 8)
+  state = folders.load_state_dict(folders.component_path(out, "transformer"))
+  # Two Adam steps at lr <= 5e-4 / 200 from PixArt-alpha's zero-initialised output projection.
+  assert 0 < np.abs(state["proj_out.weight"]).max() < 1e-4
+  logged = open(os.path.join(workdir, "denoiser", "metrics.jsonl")).read()
+  assert tdm_main.run(config, workdir, "pretrain") == out  # finished stages are not trained again
+  assert open(os.path.join(workdir, "denoiser", "metrics.jsonl")).read() == logged

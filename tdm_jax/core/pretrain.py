@@ -34,15 +34,36 @@ def drop_condition(key, cond, uncond, rate: float):
   return jax.tree.map(pick, cond, uncond)
 
 
-def denoising_loss(params, apply: Callable, schedule: Schedule, x0, cond, uncond, key, cond_dropout: float):
-  """Mean squared error of the model output against its target (eps, v or x0) at t ~ U{0..N-1}."""
+def min_snr_weight(schedule: Schedule, t, gamma: float):
+  """Min-SNR-gamma loss weights (Hang et al. 2023) for the schedule's prediction type, per sample.
+
+  Equal to weighting the x0 error by min(SNR, gamma): timesteps past SNR gamma stop dominating the
+  objective, the noisy ones (where layout and binding are decided) keep full weight; the paper
+  reports ~3x faster convergence for ViT denoisers. eps: min(snr, g) / snr; v: min(snr, g) / (snr + 1);
+  sample: min(snr, g)."""
+  snr = schedule.snr(t)
+  clipped = jnp.minimum(snr, gamma)
+  if schedule.prediction_type == "epsilon":
+    return clipped / snr
+  if schedule.prediction_type == "v_prediction":
+    return clipped / (snr + 1.0)
+  return clipped
+
+
+def denoising_loss(params, apply: Callable, schedule: Schedule, x0, cond, uncond, key, cond_dropout: float,
+                   min_snr_gamma: Optional[float] = None):
+  """Mean squared error of the model output against its target (eps, v or x0) at t ~ U{0..N-1};
+  with `min_snr_gamma`, each sample's error weighted by `min_snr_weight`."""
   t_key, n_key, d_key = jax.random.split(key, 3)
   t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.num_train_timesteps)
   eps = jax.random.normal(n_key, x0.shape, x0.dtype)
   cond = drop_condition(d_key, cond, uncond, cond_dropout)
   out = apply(params, schedule.add_noise(x0, eps, t), t, cond)
   target = schedule.from_x0_eps(x0, eps, t)
-  return jnp.mean((out.astype(jnp.float32) - target)**2)
+  if min_snr_gamma is None:
+    return jnp.mean((out.astype(jnp.float32) - target)**2)
+  per_sample = jnp.mean((out.astype(jnp.float32) - target)**2, axis=tuple(range(1, x0.ndim)))
+  return jnp.mean(per_sample * min_snr_weight(schedule, t, min_snr_gamma))
 
 
 def clipped_adam(learning_rate: float, num_iterations: int, warmup_steps: int) -> optax.GradientTransformation:

@@ -14,8 +14,10 @@ import dataclasses
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from tdm_jax.infra.errors import ConfigError
 from tdm_jax.models import layers
@@ -384,3 +386,38 @@ class PixArtTransformer2DModel(nn.Module):
     x = _dense(self, p * p * out_channels, ("embed", "mlp"), "proj_out")(x)
     x = x.reshape(batch, grid_h, grid_w, p, p, out_channels)
     return jnp.einsum("nhwpqc->nchpwq", x).reshape(batch, out_channels, height, width)
+
+
+# What PixArt-alpha's `initialize_weights` draws instead of xavier-uniform, by our (Diffusers') names:
+# N(0, 0.02) for the timestep / size embedders, the adaLN-single projection and the caption
+# projection; zeros for every cross-attention output and the final projection.
+_SMALL_NORMAL = ("adaln_single/", "caption_projection/")
+_ZEROS = ("/attn2/to_out_0/", "/proj_out/")
+
+
+def pixart_alpha_init(params, key):
+  """`params` (an unboxed tree this module made) re-drawn as PixArt-alpha's training code initialises its model.
+
+  Why: our layers' inits are placeholders (real runs load checkpoints), and a DiT trained from
+  nothing (the embedded teacher) trains far better from PixArt's start: every block begins close to
+  the identity (small modulation, zero cross-attention output) and the output at zero. Kernels are
+  xavier-uniform (the patch conv's over its flattened HWI fan-in), biases zero; `scale_shift_table`s
+  and the step-count table keep their draws.
+  """
+  flat = traverse_util.flatten_dict(params, sep="/")
+  keys = dict(zip(sorted(flat), jax.random.split(key, len(flat))))
+  out = {}
+  for path, value in flat.items():
+    name = path.rsplit("/", 1)[-1]
+    if name not in ("kernel", "bias"):
+      out[path] = value
+    elif any(z in "/" + path for z in _ZEROS) or name == "bias":
+      out[path] = jnp.zeros_like(value)
+    elif path.startswith(_SMALL_NORMAL):
+      out[path] = 0.02 * jax.random.normal(keys[path], value.shape, value.dtype)
+    else:
+      fan_out = value.shape[-1]
+      fan_in = value.size // fan_out
+      bound = (6.0 / (fan_in + fan_out)) ** 0.5
+      out[path] = jax.random.uniform(keys[path], value.shape, value.dtype, -bound, bound)
+  return traverse_util.unflatten_dict(out, sep="/")

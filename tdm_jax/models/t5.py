@@ -133,11 +133,13 @@ class _Layer(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  def dense(self, features: int, axes, name: str) -> nn.Dense:
-    # The init scale does not matter: the weights always come from a checkpoint.
+  def dense(self, features: int, axes, name: str, std: float) -> nn.Dense:
+    """`std`: Transformers' T5 init (initializer_factor 1). Real runs load checkpoints, but a T5 trained
+    from nothing (the embedded PixArt teacher's) needs it: T5 has no 1/sqrt(d_kv) in its attention,
+    the query init carries it, and without it the first logits are sqrt(d_kv) times too large."""
     return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
                     **layers.BATCH_SPLIT_DENSE, name=name,
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(features ** -0.5), axes))
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), axes))
 
   def norm(self, name: str) -> T5LayerNorm:
     return T5LayerNorm(self.config.layer_norm_epsilon, self.dtype, self.param_dtype, name=name)
@@ -154,13 +156,14 @@ class T5Attention(_Layer):
   def __call__(self, x: jax.Array, mask: jax.Array, bias: jax.Array) -> jax.Array:
     c = self.config
     b, l, _ = x.shape
-    q, k, v = (self.dense(c.inner_dim, ("embed", "heads"), n)(x).reshape(b, l, c.num_heads, c.d_kv)
+    stds = {"q": (c.d_model * c.d_kv) ** -0.5, "k": c.d_model ** -0.5, "v": c.d_model ** -0.5}
+    q, k, v = (self.dense(c.inner_dim, ("embed", "heads"), n, stds[n])(x).reshape(b, l, c.num_heads, c.d_kv)
                for n in "qkv")
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     y = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, l, c.inner_dim)
-    return self.dense(c.d_model, ("heads", "embed"), "o")(y)
+    return self.dense(c.d_model, ("heads", "embed"), "o", c.inner_dim ** -0.5)(y)
 
 
 class T5FeedForward(_Layer):
@@ -170,11 +173,11 @@ class T5FeedForward(_Layer):
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
     if c.is_gated_act:
-      h = jax.nn.gelu(self.dense(c.d_ff, ("embed", "mlp"), "wi_0")(x), approximate=True)  # tanh form
-      h = h * self.dense(c.d_ff, ("embed", "mlp"), "wi_1")(x)
+      h = jax.nn.gelu(self.dense(c.d_ff, ("embed", "mlp"), "wi_0", c.d_model ** -0.5)(x), approximate=True)  # tanh
+      h = h * self.dense(c.d_ff, ("embed", "mlp"), "wi_1", c.d_model ** -0.5)(x)
     else:
-      h = jax.nn.relu(self.dense(c.d_ff, ("embed", "mlp"), "wi")(x))
-    return self.dense(c.d_model, ("mlp", "embed"), "wo")(h)
+      h = jax.nn.relu(self.dense(c.d_ff, ("embed", "mlp"), "wi", c.d_model ** -0.5)(x))
+    return self.dense(c.d_model, ("mlp", "embed"), "wo", c.d_ff ** -0.5)(h)
 
 
 class T5Block(_Layer):

@@ -37,7 +37,7 @@ from tdm_jax.convert.pipeline import export_pipeline
 from tdm_jax.core import pretrain
 from tdm_jax.core.schedules import make_schedule
 from tdm_jax.infra.errors import ConfigError
-from tdm_jax.models.pixart import PixArtConfig, PixArtTransformer2DModel
+from tdm_jax.models.pixart import PixArtConfig, PixArtTransformer2DModel, pixart_alpha_init
 from tdm_jax.models.t5 import T5Config, T5Encoder
 from tdm_jax.models.vae import AutoencoderKL, VAEConfig
 from tdm_jax.tasks.diffusers import prompts as pipeline_prompts
@@ -157,12 +157,14 @@ class Denoiser:
     self.null_ids, self.null_mask = null["ids"], null["mask"]
 
   def init(self, key):
-    k1, k2 = jax.random.split(key)
+    """T5 as Transformers initialises it, the transformer as PixArt-alpha's training code does."""
+    k1, k2, k3 = jax.random.split(key, 3)
     params = {"text_encoder": self.encoder.init(k1, jnp.asarray(self.null_ids), jnp.asarray(self.null_mask))["params"]}
     cond = self.condition(params, self.null_ids, self.null_mask)
     side = self.transformer_dict["sample_size"]
     latents = jnp.zeros((1, self.transformer_dict["in_channels"], side, side))
-    params["transformer"] = self.transformer.init(k2, latents, jnp.zeros((1,), jnp.int32), **self._kwargs(cond))["params"]
+    transformer = self.transformer.init(k2, latents, jnp.zeros((1,), jnp.int32), **self._kwargs(cond))["params"]
+    params["transformer"] = pixart_alpha_init(nn.meta.unbox(transformer), k3)
     return nn.meta.unbox(params)  # plain arrays: checkpoints restore without the model
 
   def condition(self, params, ids, mask) -> dict:
@@ -181,14 +183,16 @@ class Denoiser:
     return out[:, :x_t.shape[1]]  # epsilon; the learned-variance channels are not trained
 
   def loss(self, params, vae_params, x, ids, mask, key):
-    """The epsilon objective on posterior-sampled latents; captions dropped to the encoding of ""."""
+    """The epsilon objective (min-SNR weighted with `transformer.min_snr_gamma`) on posterior-sampled
+    latents; captions dropped to the encoding of ""."""
     z_key, loss_key = jax.random.split(key)
     latents = jax.lax.stop_gradient(self.vae.latents_from_images(vae_params, x, z_key))
     cond = self.condition(params, ids, mask)
     null = self.condition(params, self.null_ids[:, :ids.shape[1]], self.null_mask[:, :ids.shape[1]])
     uncond = jax.tree.map(lambda n, c: jnp.broadcast_to(n, c.shape), null, cond)  # "" once, for every row
     return pretrain.denoising_loss(params["transformer"], self.epsilon, self.schedule, latents, cond, uncond,
-                                   loss_key, self.config.transformer.cond_dropout)
+                                   loss_key, self.config.transformer.cond_dropout,
+                                   min_snr_gamma=self.config.transformer.min_snr_gamma)
 
 
 def captioned_batch(config, tokenizer, step: int, batch_size: int):
