@@ -97,7 +97,7 @@ def stock_diffusers_images(folder: str, prompt_list, z, num_steps: int, chunk: i
   family = describe(folder).family
   pipe = diffusers.DiffusionPipeline.from_pretrained(folder, **dict(family.stock_load))
   pipe.set_progress_bar_config(disable=True)
-  latents = torch.from_numpy(np.asarray(z, np.float32))
+  latents = torch.from_numpy(np.array(z, np.float32))  # a writable copy: torch warns on read-only arrays
   began, out = time.perf_counter(), []
   with torch.no_grad():
     for i in range(0, len(prompt_list), chunk):
