@@ -396,11 +396,12 @@ _ZEROS = ("/attn2/to_out_0/", "/proj_out/")
 
 
 def pixart_alpha_init(params, key):
-  """`params` (an unboxed tree this module made) re-drawn as PixArt-alpha's training code initialises its model.
+  """`params` (an unboxed tree this module made) re-drawn as PixArt-alpha's training code draws them.
 
   Why: our layers' inits are placeholders (real runs load checkpoints), and a DiT trained from
-  nothing (the embedded teacher) trains far better from PixArt's start: every block begins close to
-  the identity (small modulation, zero cross-attention output) and the output at zero. Kernels are
+  nothing (the embedded teacher) trains better from PixArt's start (with T5's own init: FD 58.3 ->
+  49.1 at 8,000 iterations, docs/pixart_teacher_levers.md): every block begins close to the
+  identity (small modulation, zero cross-attention output) and the output at zero. Kernels are
   xavier-uniform (the patch conv's over its flattened HWI fan-in), biases zero; `scale_shift_table`s
   and the step-count table keep their draws.
   """
