@@ -416,7 +416,8 @@ def pixart_alpha_init(params, key):
       out[path] = jnp.zeros_like(value)
     elif path.startswith(_SMALL_NORMAL):
       out[path] = 0.02 * jax.random.normal(keys[path], value.shape, value.dtype)
-    else:
+    else:  # xavier over the kernel flattened to (fan_in, out), as PixArt views its patch conv; Flax's
+      # xavier_uniform would count the conv's receptive field into fan_out too
       fan_out = value.shape[-1]
       fan_in = value.size // fan_out
       bound = (6.0 / (fan_in + fan_out)) ** 0.5
