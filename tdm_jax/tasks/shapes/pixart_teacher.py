@@ -183,8 +183,8 @@ class Denoiser:
     return out[:, :x_t.shape[1]]  # epsilon; the learned-variance channels are not trained
 
   def loss(self, params, vae_params, x, ids, mask, key):
-    """The epsilon objective (min-SNR weighted with `transformer.min_snr_gamma`) on posterior-sampled
-    latents; captions dropped to the encoding of ""."""
+    """The epsilon objective (min-SNR weighted with `transformer.min_snr_gamma`; 0 leaves it unweighted) on
+    posterior-sampled latents; captions dropped to the encoding of ""."""
     z_key, loss_key = jax.random.split(key)
     latents = jax.lax.stop_gradient(self.vae.latents_from_images(vae_params, x, z_key))
     cond = self.condition(params, ids, mask)
@@ -192,7 +192,7 @@ class Denoiser:
     uncond = jax.tree.map(lambda n, c: jnp.broadcast_to(n, c.shape), null, cond)  # "" once, for every row
     return pretrain.denoising_loss(params["transformer"], self.epsilon, self.schedule, latents, cond, uncond,
                                    loss_key, self.config.transformer.cond_dropout,
-                                   min_snr_gamma=self.config.transformer.min_snr_gamma)
+                                   min_snr_gamma=self.config.transformer.min_snr_gamma or None)
 
 
 def captioned_batch(config, tokenizer, step: int, batch_size: int):
