@@ -441,7 +441,7 @@ class TorchTDM:
       params = dict(params)
       table = params.pop("class_embedding", None)
       state = unet_state_dict_from_params(params, dict(self.frozen.unet.config))
-      self.nets[role].load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()},
+      self.nets[role].load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()},
                                       strict=not self.unified)
       if table is not None:
         self.nets[role].class_embedding.weight.copy_(torch.from_numpy(np.array(table["embedding"], np.float32)))
