@@ -99,7 +99,7 @@ def test_pretrain_mode_only_for_the_teacher_task(tmp_path):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_min_snr_loss_is_the_x0_error_weighted_by_clipped_snr(prediction_type):
   """The min-SNR-gamma objective, whatever the prediction type, equals the x0 error weighted by
-  min(SNR, gamma); without gamma the loss is the plain mean squared error of the output."""
+  min(SNR, gamma); without gamma (None, or 0 as configs write it) the loss is the plain mean squared error."""
   schedule = make_schedule(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, prediction_type=prediction_type)
   x0 = jax.random.normal(jax.random.key(0), (16, 3, 4, 4))
   apply = lambda params, x_t, t, cond: params * x_t  # any output: the identity below is exact
@@ -116,6 +116,8 @@ def test_min_snr_loss_is_the_x0_error_weighted_by_clipped_snr(prediction_type):
   assert jnp.any(schedule.snr(t) > gamma) and jnp.any(schedule.snr(t) < gamma)  # both branches drawn
   plain = jnp.mean((0.3 * x_t - schedule.from_x0_eps(x0, eps, t)) ** 2)
   np.testing.assert_allclose(pretrain.denoising_loss(0.3, apply, schedule, x0, cond, cond, key, 0.0), plain, rtol=1e-6)
+  np.testing.assert_allclose(pretrain.denoising_loss(0.3, apply, schedule, x0, cond, cond, key, 0.0, min_snr_gamma=0.0),
+                             plain, rtol=1e-6)
 
 
 def test_pixart_pretrain_mode_makes_a_pixart_folder(tmp_path):

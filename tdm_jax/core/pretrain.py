@@ -53,14 +53,15 @@ def min_snr_weight(schedule: Schedule, t, gamma: float):
 def denoising_loss(params, apply: Callable, schedule: Schedule, x0, cond, uncond, key, cond_dropout: float,
                    min_snr_gamma: Optional[float] = None):
   """Mean squared error of the model output against its target (eps, v or x0) at t ~ U{0..N-1};
-  with `min_snr_gamma`, each sample's error weighted by `min_snr_weight`."""
+  with `min_snr_gamma` > 0, each sample's error weighted by `min_snr_weight` (None or <= 0: unweighted,
+  as `TDMConfig.min_snr_gamma`)."""
   t_key, n_key, d_key = jax.random.split(key, 3)
   t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.num_train_timesteps)
   eps = jax.random.normal(n_key, x0.shape, x0.dtype)
   cond = drop_condition(d_key, cond, uncond, cond_dropout)
   out = apply(params, schedule.add_noise(x0, eps, t), t, cond)
   target = schedule.from_x0_eps(x0, eps, t)
-  if min_snr_gamma is None:
+  if min_snr_gamma is None or min_snr_gamma <= 0:
     return jnp.mean((out.astype(jnp.float32) - target)**2)
   per_sample = jnp.mean((out.astype(jnp.float32) - target)**2, axis=tuple(range(1, x0.ndim)))
   return jnp.mean(per_sample * min_snr_weight(schedule, t, min_snr_gamma))

@@ -192,7 +192,7 @@ class Denoiser:
     uncond = jax.tree.map(lambda n, c: jnp.broadcast_to(n, c.shape), null, cond)  # "" once, for every row
     return pretrain.denoising_loss(params["transformer"], self.epsilon, self.schedule, latents, cond, uncond,
                                    loss_key, self.config.transformer.cond_dropout,
-                                   min_snr_gamma=self.config.transformer.min_snr_gamma or None)
+                                   min_snr_gamma=self.config.transformer.min_snr_gamma)
 
 
 def captioned_batch(config, tokenizer, step: int, batch_size: int):
