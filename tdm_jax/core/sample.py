@@ -1,5 +1,7 @@
 """Sampling: the distilled student in few steps, the teacher in many, with DDIM or DPM-Solver++ (2M).
 
+On a rectified-flow schedule the DDIM move is the flow ODE's Euler step (what Diffusers'
+FlowMatchEulerDiscreteScheduler does), and DPM-Solver++ runs on the same half log-SNR log((1 - sigma) / sigma).
 Every sampler is a `lax.scan` over its timesteps, so one compiled program serves any batch
 of noise; all take the `apply(params, x_t, t, cond, **extra)` callables of tdm.py.
 """
@@ -13,15 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from tdm_jax.core import tdm
-from tdm_jax.core.schedules import Schedule, ddim_step, dpm_solver_2m_step, sampling_timesteps
+from tdm_jax.core.schedules import Schedule, ddim_step, dpm_solver_2m_step, flow_sampling_sigmas, sampling_timesteps
 from tdm_jax.infra.errors import ConfigError
 
-SOLVERS = ("ddim", "dpm_solver_2m")
+SOLVERS = ("ddim", "euler", "dpm_solver_2m")  # "euler": "ddim" by its flow name, the same move
 
 
-def _next_steps(timesteps, final_timestep: int):
-  timesteps = jnp.asarray(timesteps, jnp.int32)
-  return timesteps, jnp.append(timesteps[1:], final_timestep).astype(jnp.int32)
+def _next_steps(timesteps, final_timestep, dtype):
+  timesteps = jnp.asarray(timesteps, dtype)
+  return timesteps, jnp.append(timesteps[1:], final_timestep).astype(dtype)
 
 
 def sample(apply, params, schedule: Schedule, z, cond, timesteps, *, solver: str = "ddim", uncond=None,
@@ -33,14 +35,15 @@ def sample(apply, params, schedule: Schedule, z, cond, timesteps, *, solver: str
   """
   if solver not in SOLVERS:
     raise ConfigError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
-  timesteps, next_steps = _next_steps(timesteps, final_timestep)
+  dtype = schedule.timestep_dtype
+  timesteps, next_steps = _next_steps(timesteps, final_timestep, dtype)
   batch = z.shape[0]
-  full = lambda t: jnp.full((batch,), t, jnp.int32)
+  full = lambda t: jnp.full((batch,), t, dtype)
 
   def denoise(x, t):
     return tdm.guided_predict(apply, params, schedule, x, full(t), cond, uncond, guidance_scale, **extra)
 
-  if solver == "ddim":
+  if solver in ("ddim", "euler"):
     def ddim(x, ts):
       t, t_next = ts
       x0, eps = denoise(x, t)
@@ -73,16 +76,20 @@ def student_sample(apply, params, schedule: Schedule, z, cond, *, num_steps: int
   """The distilled student: no guidance, one call per step on its own timesteps tau_j."""
   if step_conditioning:
     extra["num_steps"] = jnp.full((z.shape[0],), num_steps, jnp.int32)
-  return sample(apply, params, schedule, z, cond, tdm.student_timesteps(total_steps, num_steps), solver=solver,
-                **extra)
+  return sample(apply, params, schedule, z, cond, tdm.student_timesteps(total_steps, num_steps, schedule),
+                solver=solver, **extra)
 
 
 def teacher_sample(apply, params, schedule: Schedule, z, cond, uncond, *, num_steps: int,
                    guidance_scale: float, solver: str = "ddim", spacing: str = "leading", steps_offset: int = 0,
                    final_timestep: int = -1):
-  """The teacher with classifier-free guidance on Diffusers' timesteps for `num_steps`."""
-  timesteps = sampling_timesteps(schedule.num_train_timesteps, num_steps, spacing, steps_offset,
-                                 scheduler="ddim" if solver == "ddim" else "dpm")
+  """The teacher with classifier-free guidance on Diffusers' timesteps for `num_steps` (on a flow schedule
+  FlowMatchEulerDiscreteScheduler's, whatever `spacing` says)."""
+  if schedule.continuous:
+    timesteps = schedule.num_train_timesteps * flow_sampling_sigmas(schedule, num_steps)
+  else:
+    timesteps = sampling_timesteps(schedule.num_train_timesteps, num_steps, spacing, steps_offset,
+                                   scheduler="dpm" if solver == "dpm_solver_2m" else "ddim")
   return sample(apply, params, schedule, z, cond, timesteps, solver=solver, uncond=uncond,
                 guidance_scale=guidance_scale, final_timestep=final_timestep)
 

@@ -1,8 +1,15 @@
-"""Discrete DDPM noise schedules as pure, jittable JAX functions.
+"""Noise schedules as pairs (a(t), s(t)) with ``x_t = a(t) x0 + s(t) eps``: pure, jittable JAX functions.
 
-Notation: ``N`` training timesteps, ``alphabar_t`` the cumulative product of ``1 - beta``,
-``a_t = sqrt(alphabar_t)``, ``s_t = sqrt(1 - alphabar_t)`` and ``x_t = a_t x0 + s_t eps``.
-The timestep ``-1`` means "clean data" (``a = 1, s = 0``); samplers use it as their last target.
+Two kinds share one interface (a, s, snr, prediction conversions, add_noise, transition), so the TDM
+kernels and the samplers never ask which one they hold:
+
+- ``Schedule``: variance-preserving and discrete (DDPM / DDIM / DPM-Solver teachers: SD, SDXL,
+  PixArt, CogVideoX). ``N`` integer training timesteps, ``alphabar_t`` the cumulative product of
+  ``1 - beta``, ``a_t = sqrt(alphabar_t)``, ``s_t = sqrt(1 - alphabar_t)``.
+- ``FlowSchedule``: rectified flow (SD3 / SD3.5, FLUX, Wan). ``sigma = t / N`` in [0, 1] with t a
+  float, ``a = 1 - sigma``, ``s = sigma``, and the network predicts the velocity ``v = eps - x0``.
+
+In both, the timestep ``-1`` means "clean data" (``a = 1, s = 0``); samplers use it as their last target.
 
 Per-sample quantities (shape ``(B,)``, or scalars) broadcast over the trailing dims of ``(B, ...)``
 tensors. Everything works in float32 and under ``jax.jit``.
@@ -11,6 +18,7 @@ tensors. Everything works in float32 and under ``jax.jit``.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import flax
 import jax
@@ -37,6 +45,9 @@ class Schedule:
     alphas_cumprod: jax.Array  # (N,) float32
     prediction_type: str = flax.struct.field(pytree_node=False)
     num_train_timesteps: int = flax.struct.field(pytree_node=False)
+
+    continuous = False  # integer timesteps
+    timestep_dtype = jnp.int32
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
@@ -93,6 +104,172 @@ class Schedule:
     def add_noise(self, x0, eps, t):
         """Forward process q(x_t | x0): a_t x0 + s_t eps."""
         return _bcast(self.a(t), x0) * x0 + _bcast(self.s(t), x0) * eps
+
+    def transition(self, m, t):
+        """(a_t / a_m, b) of q(x_t | x_m) = N((a_t/a_m) x_m, b^2 I) for t >= m.
+
+        b^2 = s_t^2 - (a_t/a_m)^2 s_m^2 = 1 - alphabar_t / alphabar_m, computed as -expm1 of a log
+        difference so that it is exactly 0 at t == m (a direct difference leaves ~1e-3 under jit).
+        """
+        ab_m, ab_t = self._alphabar(m), self._alphabar(t)
+        ratio = jnp.sqrt(ab_t / ab_m)
+        b = jnp.sqrt(jnp.maximum(-jnp.expm1(jnp.log(ab_t) - jnp.log(ab_m)), 0.0))
+        return ratio, b
+
+
+# FlowMatchEulerDiscreteScheduler's config keys: those we model, and those whose only modelled value is fixed.
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+_FLOW_KEYS = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
+              "base_image_seq_len", "max_image_seq_len", "time_shift_type")
+_FLOW_FIXED = {"invert_sigmas": (False,), "shift_terminal": (None,), "use_karras_sigmas": (False,),
+               "use_exponential_sigmas": (False,), "use_beta_sigmas": (False,), "stochastic_sampling": (False,)}
+TIME_SHIFT_TYPES = ("exponential", "linear")
+
+
+@flax.struct.dataclass
+class FlowSchedule:
+    """Rectified flow: sigma = t / N, x_t = (1 - sigma) x0 + sigma eps, the network predicts v = eps - x0.
+
+    ``shift`` (SD3: 3) warps a uniform sigma grid as k s / (1 + (k - 1) s); with ``mu`` set (dynamic
+    shifting, FLUX-style, fixed by the run's image size) the warp is instead Diffusers' time shift
+    e^mu / (e^mu + 1/s - 1) ("exponential") or mu / (mu + 1/s - 1) ("linear"). ``student_shift`` is
+    the distilled student's own grid warp (0: the teacher's). No array leaves: every field is static.
+    """
+
+    num_train_timesteps: int = flax.struct.field(pytree_node=False, default=1000)
+    shift: float = flax.struct.field(pytree_node=False, default=1.0)
+    mu: Optional[float] = flax.struct.field(pytree_node=False, default=None)
+    time_shift_type: str = flax.struct.field(pytree_node=False, default="exponential")
+    student_shift: float = flax.struct.field(pytree_node=False, default=0.0)
+
+    continuous = True  # float timesteps t = N sigma
+    timestep_dtype = jnp.float32
+    prediction_type = "flow"
+
+    def __post_init__(self):
+        if self.time_shift_type not in TIME_SHIFT_TYPES:
+            raise ConfigError(f"scheduler config: unsupported time_shift_type={self.time_shift_type!r}; "
+                              f"supported: {TIME_SHIFT_TYPES}")
+        if not self.shift > 0 or self.student_shift < 0:
+            raise ConfigError(f"flow shift must be > 0 (got {self.shift}) and the student's >= 0 (0: the "
+                              f"teacher's; got {self.student_shift})")
+
+    def sigma(self, t):
+        """t / N in [0, 1]; any negative t (the clean marker -1) is sigma 0."""
+        t = jnp.asarray(t, jnp.float32)
+        return jnp.where(t < 0, jnp.float32(0.0), jnp.clip(t / self.num_train_timesteps, 0.0, 1.0))
+
+    def a(self, t):
+        return 1.0 - self.sigma(t)
+
+    def s(self, t):
+        return self.sigma(t)
+
+    def snr(self, t):
+        """(1 - sigma)^2 / sigma^2 (inf at sigma 0, 0 at sigma 1)."""
+        sig = self.sigma(t)
+        return (1.0 - sig) ** 2 / sig**2
+
+    def to_x0_eps(self, output, x_t, t):
+        """From a velocity v = eps - x0 at (x_t, sigma): x0 = x_t - sigma v, eps = x_t + (1 - sigma) v."""
+        sig = _bcast(self.sigma(t), x_t)
+        return x_t - sig * output, x_t + (1.0 - sig) * output
+
+    def to_x0(self, output, x_t, t):
+        return self.to_x0_eps(output, x_t, t)[0]
+
+    def to_eps(self, output, x_t, t):
+        return self.to_x0_eps(output, x_t, t)[1]
+
+    def from_x0_eps(self, x0, eps, t):
+        """The velocity target eps - x0 (the same at every t)."""
+        del t
+        return eps - x0
+
+    def add_noise(self, x0, eps, t):
+        """(1 - sigma) x0 + sigma eps; as a move between noise levels (ddim_step) it is the flow ODE's Euler step."""
+        sig = _bcast(self.sigma(t), x0)
+        return (1.0 - sig) * x0 + sig * eps
+
+    def transition(self, m, t):
+        """(a_t / a_m, b) of the forward move from m to t >= m: b^2 = sigma_t^2 - (a_t/a_m)^2 sigma_m^2,
+        so x_t keeps the flow marginal (1 - sigma_t) x0 + sigma_t eps; exactly (1, 0) at t == m."""
+        sig_m, sig_t = self.sigma(m), self.sigma(t)
+        ratio = (1.0 - sig_t) / (1.0 - sig_m)
+        b = jnp.sqrt(jnp.maximum(sig_t**2 - (ratio * sig_m) ** 2, 0.0))
+        return ratio, b
+
+    def warp(self, u, shift: float = 0.0):
+        """The shifted grid point of a uniform u in [0, 1] (0 stays 0): k u / (1 + (k - 1) u) with
+        k = `shift` (0: the teacher's shift, or its dynamic time shift when mu is set)."""
+        xp = np if isinstance(u, (np.ndarray, float, int)) else jnp
+        if shift or self.mu is None:
+            k = shift or self.shift
+            return k * u / (1.0 + (k - 1.0) * u)
+        safe = xp.where(u > 0, u, 1.0)
+        odds = 1.0 / safe - 1.0
+        base = math.exp(self.mu) if self.time_shift_type == "exponential" else self.mu
+        return xp.where(u > 0, base / (base + odds), 0.0)
+
+    def student_sigma(self, u):
+        """The distilled student's grid warp: `student_shift`, or the teacher's when 0."""
+        return self.warp(u, self.student_shift)
+
+    @classmethod
+    def from_diffusers_config(cls, config: dict, image_seq_len: Optional[int] = None) -> "FlowSchedule":
+        """From a FlowMatchEulerDiscreteScheduler config; options we do not model are refused by name.
+
+        With `use_dynamic_shifting`, mu is Diffusers' `calculate_shift` of the run's image sequence length
+        (latent patches), linear between (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift).
+        """
+        for key, value in config.items():
+            if key.startswith("_") or key in _FLOW_KEYS:
+                continue
+            if key not in _FLOW_FIXED:
+                raise ConfigError(f"scheduler config: unknown key {key!r} for a FlowMatchEulerDiscreteScheduler; "
+                                  f"tdm_jax models {sorted(_FLOW_KEYS + tuple(_FLOW_FIXED))}")
+            if value not in _FLOW_FIXED[key]:
+                raise ConfigError(f"scheduler config: {key}={value!r} is not modelled by tdm_jax (supported: "
+                                  f"{_FLOW_FIXED[key]}); remove the key or set it to {_FLOW_FIXED[key][0]!r}")
+        mu = None
+        if config.get("use_dynamic_shifting", False):
+            bounds = [config.get(k) for k in ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")]
+            if any(b is None for b in bounds) or bounds[2] == bounds[3]:
+                raise ConfigError("scheduler config: use_dynamic_shifting needs base_shift, max_shift, "
+                                  "base_image_seq_len and max_image_seq_len (distinct lengths); got "
+                                  f"{dict(zip(('base_shift', 'max_shift', 'base_image_seq_len', 'max_image_seq_len'), bounds))}")
+            if image_seq_len is None:
+                raise ConfigError("scheduler config: use_dynamic_shifting shifts by image size; give the image "
+                                  "sequence length (latent patches) the schedule is for")
+            base_shift, max_shift, base_len, max_len = (float(b) for b in bounds)
+            slope = (max_shift - base_shift) / (max_len - base_len)
+            mu = float(image_seq_len) * slope + (base_shift - slope * base_len)
+        return cls(num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+                   shift=float(config.get("shift", 1.0)), mu=mu,
+                   time_shift_type=str(config.get("time_shift_type", "exponential")))
+
+
+def flow_sampling_sigmas(schedule: FlowSchedule, num_steps: int) -> np.ndarray:
+    """The K sigmas (highest first, float32) of Diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps(K):
+    evenly spaced in t from N sigma_max to N sigma_min of its training grid, then warped (so the low end
+    is warped twice, as Diffusers does); the sampler's timesteps are N times these, then clean data."""
+    n = schedule.num_train_timesteps
+    if not 1 <= int(num_steps) <= n:
+        raise ConfigError(f"num_steps must be in [1, {n}], got {num_steps}")
+    train = np.linspace(1, n, n, dtype=np.float32)[::-1] / n
+    if schedule.mu is None:
+        train = schedule.shift * train / (1 + (schedule.shift - 1) * train)
+    sigma_max, sigma_min = float(train[0]), float(train[-1])
+    sigmas = np.linspace(sigma_max * n, sigma_min * n, int(num_steps)) / n
+    return np.asarray(schedule.warp(sigmas), np.float32)
+
+
+def from_diffusers_config_any(config: dict, image_seq_len: Optional[int] = None):
+    """The schedule a Diffusers scheduler config defines: a FlowSchedule for flow-matching schedulers,
+    else the variance-preserving Schedule (`from_diffusers_config`)."""
+    if config.get("_class_name") in FLOW_SCHEDULERS:
+        return FlowSchedule.from_diffusers_config(config, image_seq_len)
+    return from_diffusers_config(config)
 
 
 def _betas(beta_schedule, beta_start, beta_end, n):
@@ -163,16 +340,9 @@ def ddim_step(schedule: Schedule, x0, eps, t_next):
     return schedule.add_noise(x0, eps, t_next)
 
 
-def diffusion_coefficients(schedule: Schedule, m, t):
-    """(a_t / a_m, b) of q(x_t | x_m) = N((a_t/a_m) x_m, b^2 I) for t >= m.
-
-    b^2 = s_t^2 - (a_t/a_m)^2 s_m^2 = 1 - alphabar_t / alphabar_m, computed as -expm1 of a log
-    difference so that it is exactly 0 at t == m (a direct difference leaves ~1e-3 under jit).
-    """
-    ab_m, ab_t = schedule._alphabar(m), schedule._alphabar(t)
-    ratio = jnp.sqrt(ab_t / ab_m)
-    b = jnp.sqrt(jnp.maximum(-jnp.expm1(jnp.log(ab_t) - jnp.log(ab_m)), 0.0))
-    return ratio, b
+def diffusion_coefficients(schedule, m, t):
+    """(a_t / a_m, b) of q(x_t | x_m) = N((a_t/a_m) x_m, b^2 I) for t >= m, for either kind of schedule."""
+    return schedule.transition(m, t)
 
 
 def diffuse(schedule: Schedule, x_m, m, t, noise):

@@ -5,6 +5,11 @@ Everything here works on `apply(params, x_t, t, cond, **extra) -> model output` 
 and any conditioning pytree. It knows nothing of Flax modules, sharding or files.
 The method is specified in TDM.md (Luo et al., arXiv 2503.06674); names follow it:
 K student steps over S total steps, trajectory points x_k at t_k, interval ends m_k.
+
+The same kernels serve variance-preserving teachers (integer timesteps; the grid is S - 1 - j S / K)
+and rectified-flow teachers (t = 1000 sigma as a float; the grid is 1000 shift((K - j) / K), the
+draws uniform over floats with the same margins): only the grid and the draws ask which schedule
+they hold (`schedule.continuous`); every move goes through the schedule's (a, s).
 """
 
 from __future__ import annotations
@@ -88,16 +93,48 @@ class TDMConfig:
     return tuple(self.step_choices) or (self.num_student_steps,)
 
 
-def student_timesteps(total_steps: int, num_steps: int) -> np.ndarray:
-  """tau_j = S - 1 - j S / K for j = 0..K-1, highest first (S=800, K=4: 799 599 399 199)."""
+def _flow(schedule) -> bool:
+  return schedule is not None and schedule.continuous
+
+
+def student_timesteps(total_steps: int, num_steps: int, schedule=None) -> np.ndarray:
+  """tau_j = S - 1 - j S / K for j = 0..K-1, highest first (S=800, K=4: 799 599 399 199); on a flow
+  schedule tau_j = N shift((K - j) / K) as float32 (shift 3, K=4: 1000 900 750 500), S unused."""
+  if _flow(schedule):
+    u = (num_steps - np.arange(num_steps, dtype=np.float64)) / num_steps
+    return np.asarray(schedule.num_train_timesteps * schedule.student_sigma(u), np.float32)
   return np.array([total_steps - 1 - (j * total_steps) // num_steps for j in range(num_steps)],
                   dtype=np.int32)
 
 
-def interval_lower_ends(total_steps: int, num_steps: int) -> np.ndarray:
-  """m for each student timestep tau_j: one above the next student timestep (0 for the last)."""
-  taus = student_timesteps(total_steps, num_steps)
+def interval_lower_ends(total_steps: int, num_steps: int, schedule=None) -> np.ndarray:
+  """m for each student timestep tau_j: one above the next student timestep (0 for the last); on a
+  flow schedule the next student time itself."""
+  taus = student_timesteps(total_steps, num_steps, schedule)
+  if _flow(schedule):
+    return np.append(taus[1:], 0).astype(np.float32)
   return np.append(taus[1:] + 1, 0).astype(np.int32)
+
+
+def check_flow_grid(schedule, cfg: "TDMConfig") -> None:
+  """On a flow schedule, every student interval must leave room for the draws (the VP grid is checked
+  by TDMConfig itself): t ~ U[max(min_timestep, m_k), t_k - upper_margin) non-empty, and with
+  random_mid m ~ U[m_k, t_k - mid_margin) too."""
+  if not _flow(schedule):
+    return
+  for k in cfg.all_step_counts:
+    taus = student_timesteps(cfg.total_steps, k, schedule)
+    lows = interval_lower_ends(cfg.total_steps, k, schedule)
+    hi = (taus - cfg.upper_margin) if cfg.interval_mode == "separate" else np.full_like(
+        taus, schedule.num_train_timesteps - cfg.upper_margin)
+    narrow = np.maximum(cfg.min_timestep, lows) >= hi
+    if cfg.random_mid:
+      narrow |= (lows >= taus - cfg.mid_margin) | (cfg.mid_margin < cfg.upper_margin)
+    if narrow.any():
+      raise ConfigError(
+          f"with {k} student steps the flow grid (1000 sigma) is {np.round(taus, 2).tolist()}; its interval "
+          f"{int(np.argmax(narrow))} is too short for min_timestep={cfg.min_timestep}, upper_margin="
+          f"{cfg.upper_margin}, mid_margin={cfg.mid_margin}: lower the margins or the student shift")
 
 
 def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
@@ -153,9 +190,10 @@ class Trajectory(NamedTuple):
 
 def rollout(apply: Apply, params, schedule: Schedule, z, cond, timesteps, **extra) -> Trajectory:
   """Deterministic DDIM over `timesteps` from z (taken as x at timesteps[0]), without gradients; the
-  trajectory in z's dtype (a bf16 network's predictions widened exactly)."""
+  trajectory in z's dtype (a bf16 network's predictions widened exactly). On a flow schedule the DDIM
+  move is the flow ODE's Euler step."""
   params = jax.lax.stop_gradient(params)
-  timesteps = jnp.asarray(timesteps, jnp.int32)
+  timesteps = jnp.asarray(timesteps, schedule.timestep_dtype)
   next_steps = jnp.append(timesteps[1:], -1)
 
   def step(x, ts):
@@ -173,7 +211,7 @@ def rollout_first(apply: Apply, params, schedule: Schedule, z, cond, count, max_
   """`rollout` on the student's grid for a traced K = count <= max_steps: max_steps slots, of which
   only the first K call the network (a `lax.cond` per slot); later slots hold zeros."""
   params = jax.lax.stop_gradient(params)
-  taus, next_steps, _ = step_grid(total_steps, count, max_steps)
+  taus, next_steps, _ = step_grid(total_steps, count, max_steps, schedule)
 
   def step(x, slot):
     j, t, t_next = slot
@@ -208,22 +246,29 @@ class Segments(NamedTuple):
   m_k: jax.Array
 
 
-def step_grid(total_steps: int, num_steps, length: int):
+def step_grid(total_steps: int, num_steps, length: int, schedule=None):
   """(tau_j, the rollout's next timestep, m_j) for j < length, from a K that may be traced (unified TDM):
-  tau_j = S - 1 - j S / K, next = tau_{j+1} or -1 (x0) at the last, m_j = tau_{j+1} + 1 or 0.
+  tau_j = S - 1 - j S / K, next = tau_{j+1} or -1 (x0) at the last, m_j = tau_{j+1} + 1 or 0; on a flow
+  schedule tau_j = N shift((K - j) / K) and m_j = tau_{j+1} (or 0) as floats.
   Entries j >= K are not meaningful. Equal to `student_timesteps` / `interval_lower_ends`."""
   j = jnp.arange(length, dtype=jnp.int32)
+  last = j + 1 >= num_steps
+  if _flow(schedule):
+    point = lambda i: schedule.num_train_timesteps * schedule.student_sigma(
+        jnp.maximum(num_steps - i, 0).astype(jnp.float32) / num_steps)
+    taus, below = point(j), point(j + 1)
+    return taus, jnp.where(last, -1.0, below), jnp.where(last, 0.0, below)
   taus = total_steps - 1 - (j * total_steps) // num_steps
   below = total_steps - 1 - ((j + 1) * total_steps) // num_steps
-  last = j + 1 >= num_steps
   return taus, jnp.where(last, -1, below), jnp.where(last, 0, below + 1)
 
 
-def draw_segments(key, batch_size: int, total_steps: int, num_steps, max_steps: Optional[int] = None) -> Segments:
+def draw_segments(key, batch_size: int, total_steps: int, num_steps, max_steps: Optional[int] = None,
+                  schedule=None) -> Segments:
   """k ~ U{1..K} per sample, with its timestep t_k and interval lower end m_k (a traced K needs
   `max_steps`, a bound on it)."""
   j = jax.random.randint(key, (batch_size,), 0, num_steps)
-  taus, _, lows = step_grid(total_steps, num_steps, max_steps or num_steps)
+  taus, _, lows = step_grid(total_steps, num_steps, max_steps or num_steps, schedule)
   return Segments(j=j, k=num_steps - j, t_k=taus[j], m_k=lows[j])
 
 
@@ -239,19 +284,26 @@ class SampleDraws(NamedTuple):
   noise: jax.Array
 
 
-def draw_sample(key, cfg: TDMConfig, seg: Segments, shape: tuple, dtype=jnp.float32) -> SampleDraws:
+def draw_sample(key, cfg: TDMConfig, seg: Segments, shape: tuple, dtype=jnp.float32, schedule=None) -> SampleDraws:
   """m (m_k, or U[m_k, t_k - mid_margin) with random_mid), t ~ U[max(min_timestep, m), hi) and n ~ N(0, I)
-  for samples of `shape`; they depend on the segments alone, never on the networks."""
+  for samples of `shape`; they depend on the segments alone, never on the networks. Integers on a VP
+  schedule; on a flow schedule uniform floats, and "shared" mode's top is N - upper_margin."""
   b = shape[0]
   k_mid, k_t, k_n = jax.random.split(key, 3)
+  if _flow(schedule):
+    draw = lambda k, lo, hi: jax.random.uniform(k, (b,), jnp.float32, lo, hi)
+    top = schedule.num_train_timesteps
+  else:
+    draw = lambda k, lo, hi: jax.random.randint(k, (b,), lo, hi)
+    top = cfg.total_steps
   m = seg.m_k
   if cfg.random_mid:
-    m = jax.random.randint(k_mid, (b,), seg.m_k, seg.t_k - cfg.mid_margin)
+    m = draw(k_mid, seg.m_k, seg.t_k - cfg.mid_margin)
   if cfg.interval_mode == "separate":
     hi = seg.t_k - cfg.upper_margin
   else:
-    hi = jnp.full((b,), cfg.total_steps - cfg.upper_margin)
-  t = jax.random.randint(k_t, (b,), jnp.maximum(cfg.min_timestep, m), hi)
+    hi = jnp.full((b,), top - cfg.upper_margin)
+  t = draw(k_t, jnp.maximum(cfg.min_timestep, m), hi)
   return SampleDraws(m=m, t=t, noise=jax.random.normal(k_n, shape, dtype))
 
 
@@ -268,7 +320,7 @@ def noisy_sample_from(schedule: Schedule, x0_s, eps_s, draws: SampleDraws) -> No
 
 def noisy_sample(key, schedule: Schedule, cfg: TDMConfig, x0_s, eps_s, seg: Segments) -> NoisySample:
   """Move the student's prediction to m along its own ODE, then diffuse forward to t."""
-  return noisy_sample_from(schedule, x0_s, eps_s, draw_sample(key, cfg, seg, x0_s.shape, x0_s.dtype))
+  return noisy_sample_from(schedule, x0_s, eps_s, draw_sample(key, cfg, seg, x0_s.shape, x0_s.dtype, schedule))
 
 
 class IterationDraws(NamedTuple):
@@ -283,9 +335,10 @@ class IterationDraws(NamedTuple):
   generator_sample: SampleDraws
 
 
-def iteration_draws(cfg: TDMConfig, key, batch: int, sample_shape: tuple, num_steps=None) -> IterationDraws:
+def iteration_draws(cfg: TDMConfig, key, batch: int, sample_shape: tuple, num_steps=None,
+                    schedule=None) -> IterationDraws:
   """The draws of the iteration with key `key`; K is `num_steps`, else drawn (`draw_step_count`) when
-  `cfg.step_choices` is set, else `cfg.num_student_steps`."""
+  `cfg.step_choices` is set, else `cfg.num_student_steps`. `schedule` matters only when it is a flow."""
   if num_steps is None:
     num_steps = draw_step_count(cfg, key) if cfg.step_choices else cfg.num_student_steps
   noise_key, fake_key, gen_key = (rng.role_key(key, r) for r in
@@ -294,8 +347,8 @@ def iteration_draws(cfg: TDMConfig, key, batch: int, sample_shape: tuple, num_st
   out = [num_steps, jax.random.normal(noise_key, shape, jnp.float32)]
   for role_key in (fake_key, gen_key):
     seg_key, sample_key = jax.random.split(role_key)
-    seg = draw_segments(seg_key, batch, cfg.total_steps, num_steps, max(cfg.all_step_counts))
-    out += [seg, draw_sample(sample_key, cfg, seg, shape)]
+    seg = draw_segments(seg_key, batch, cfg.total_steps, num_steps, max(cfg.all_step_counts), schedule)
+    out += [seg, draw_sample(sample_key, cfg, seg, shape, schedule=schedule)]
   return IterationDraws(*out)
 
 
@@ -394,13 +447,13 @@ def _iteration_for_k(num_steps, state: TDMState, teacher_params, cond, uncond, k
   sg = jax.lax.stop_gradient
   batch = jax.tree.leaves(cond)[0].shape[0]
   jax.tree.map(lambda u: _batch_of(u, batch, "the unconditional input"), uncond)
-  draws = iteration_draws(cfg, key, batch, sample_shape, num_steps)
+  draws = iteration_draws(cfg, key, batch, sample_shape, num_steps, schedule)
   student_extra = _extras(cfg, num_steps, batch)
 
   # 1. The student's K-step trajectory, once for the whole batch, without gradients.
   if isinstance(num_steps, int):
     traj = rollout(nets.student, state.student_params, schedule, draws.z, cond,
-                   student_timesteps(cfg.total_steps, num_steps), **student_extra)
+                   student_timesteps(cfg.total_steps, num_steps, schedule), **student_extra)
   else:
     traj = rollout_first(nets.student, state.student_params, schedule, draws.z, cond, num_steps,
                          max(cfg.all_step_counts), cfg.total_steps, **student_extra)
@@ -469,6 +522,7 @@ def tdm_iteration(state: TDMState, teacher_params, cond, uncond, key, *, nets: N
   one program: the rollout has max K slots of which the first K run, and every grid is computed from
   K, so the iteration compiles once, holds one copy of the networks' code, and costs what its K costs.
   """
+  check_flow_grid(schedule, cfg)
   body = functools.partial(_iteration_for_k, nets=nets, schedule=schedule, cfg=cfg, student_tx=student_tx,
                            fake_tx=fake_tx, sample_shape=tuple(sample_shape), ema_decay=ema_decay)
   counts = cfg.all_step_counts
