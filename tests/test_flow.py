@@ -47,7 +47,7 @@ def config_of(scheduler) -> dict:
 def test_sampling_sigmas_equal_diffusers(config, seq_len):
   from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift  # pylint: disable=g-import-not-at-top
   theirs = diffusers_scheduler(**config)
-  ours = S.from_diffusers_config_any(config_of(theirs), image_seq_len=seq_len)
+  ours = S.from_diffusers_config(config_of(theirs), image_seq_len=seq_len)
   assert isinstance(ours, S.FlowSchedule) and ours.continuous
   mu = None
   if config.get("use_dynamic_shifting"):
@@ -154,16 +154,16 @@ def test_flow_grids_and_configs_we_refuse():
   for key, value in (("use_karras_sigmas", True), ("invert_sigmas", True), ("use_exponential_sigmas", True),
                      ("use_beta_sigmas", True), ("shift_terminal", 0.1), ("stochastic_sampling", True)):
     with pytest.raises(ConfigError, match=key):
-      S.from_diffusers_config_any({**base, key: value})
+      S.from_diffusers_config({**base, key: value})
   with pytest.raises(ConfigError, match="time_shift_type='cubic'"):
-    S.from_diffusers_config_any({**base, "time_shift_type": "cubic"})
+    S.from_diffusers_config({**base, "time_shift_type": "cubic"})
   with pytest.raises(ConfigError, match="unknown key 'sigma_schedule'"):
-    S.from_diffusers_config_any({**base, "sigma_schedule": "karras"})
+    S.from_diffusers_config({**base, "sigma_schedule": "karras"})
   dynamic = {**base, "use_dynamic_shifting": True}
   with pytest.raises(ConfigError, match="base_shift"):
-    S.from_diffusers_config_any({**dynamic, "base_shift": None}, image_seq_len=1024)
+    S.from_diffusers_config({**dynamic, "base_shift": None}, image_seq_len=1024)
   with pytest.raises(ConfigError, match="image sequence length"):
-    S.from_diffusers_config_any(dynamic)
+    S.from_diffusers_config(dynamic)
 
 
 # ----------------------------------------------------------------------------- the iteration

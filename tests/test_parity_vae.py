@@ -20,6 +20,10 @@ from tdm_jax.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
 import tiny_pipeline
 
 TINY = tiny_pipeline.TINY_VAE
+# SD3 / SD3.5's VAE in small: 16 latent channels, no quant convs, its shift and scaling factors
+# (stabilityai/stable-diffusion-3-medium-diffusers/vae).
+SD3 = dict(TINY, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+           scaling_factor=1.5305)
 
 
 def _close(ours, theirs, name):
@@ -31,21 +35,30 @@ def _close(ours, theirs, name):
   assert err <= tol, (name, err, tol)
 
 
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-  torch.manual_seed(0)
-  vae = diffusers.AutoencoderKL(**TINY).eval()
+def _saved_vae(folder, seed, **config):
+  """(torch vae, its saved config.json, its safetensors as numpy): a random AutoencoderKL of `config`."""
+  torch.manual_seed(seed)
+  vae = diffusers.AutoencoderKL(**config).eval()
   # Non-trivial norms and biases so a swapped weight/bias or scale would show.
   with torch.no_grad():
     for name, p in vae.named_parameters():
       if name.endswith("bias") or "norm" in name:
         p.add_(0.1 * torch.randn_like(p))
-  folder = tmp_path_factory.mktemp("vae")
   vae.save_pretrained(folder, safe_serialization=True)
   with open(os.path.join(folder, "config.json")) as f:
-    config = json.load(f)
+    saved = json.load(f)
   state = safetensors_numpy.load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
-  return vae, config, state
+  return vae, saved, state
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+  return _saved_vae(tmp_path_factory.mktemp("vae"), 0, **TINY)
+
+
+@pytest.fixture(scope="module")
+def sd3_vae(tmp_path_factory):
+  return _saved_vae(tmp_path_factory.mktemp("sd3_vae"), 2, **SD3)
 
 
 def test_encode_decode_parity(tiny_vae):
@@ -138,3 +151,33 @@ def test_variant_without_quant_convs_or_attention_with_shift():
   lat = model.latents_from_images(params, jnp.asarray(x))
   _close(lat, (t_mean.numpy() - 0.1) * 0.5, "variant scaled latents")
   _close(model.images_from_latents(params, lat), t_img, "variant decode")
+
+
+def test_sd3_sixteen_channel_vae_parity(sd3_vae):
+  """SD3's VAE: 16 latent channels, no quant convs, latents (mean - shift) * scale as SD3 pipelines make
+  them, and decoded from z / scale + shift as `StableDiffusion3Pipeline` decodes them."""
+  vae, config, state = sd3_vae
+  cfg = VAEConfig.from_dict(config)
+  assert cfg.latent_channels == 16 and not cfg.use_quant_conv and not cfg.use_post_quant_conv
+  assert cfg.shift_factor == SD3["shift_factor"] and cfg.scaling_factor == SD3["scaling_factor"]
+  assert not any("quant_conv" in k for k in state)
+  params = vae_params_from_state_dict(state, cfg)
+  model = AutoencoderKL(cfg)
+  rng = np.random.default_rng(2)
+  x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+  z = rng.standard_normal((2, 16, 8, 8)).astype(np.float32)  # scaled latents, as the transformer sees them
+  shift, scale = SD3["shift_factor"], SD3["scaling_factor"]
+  with torch.no_grad():
+    dist = vae.encode(torch.from_numpy(x)).latent_dist
+    t_mean, t_logvar = dist.mean.numpy(), dist.logvar.numpy()
+    t_img = vae.decode(torch.from_numpy(z) / scale + shift).sample.numpy()
+  mean, logvar = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))(params, x)
+  assert mean.shape == (2, 16, 8, 8)
+  _close(mean, t_mean, "sd3 encoder mean")
+  _close(logvar, t_logvar, "sd3 encoder logvar")
+  _close(jax.jit(model.latents_from_images)(params, x), (t_mean - shift) * scale, "sd3 scaled latents")
+  _close(jax.jit(model.images_from_latents)(params, z), t_img, "sd3 images_from_latents")
+  back = vae_state_dict_from_params(params, cfg)
+  assert set(back) == set(state)
+  for k in state:
+    np.testing.assert_array_equal(back[k], state[k], err_msg=k)

@@ -40,9 +40,11 @@ def min_snr_weight(schedule: Schedule, t, gamma: float):
   Equal to weighting the x0 error by min(SNR, gamma): timesteps past SNR gamma stop dominating the
   objective, the noisy ones (where layout and binding are decided) keep full weight; the paper
   reports ~3x faster convergence for ViT denoisers. eps: min(snr, g) / snr; v: min(snr, g) / (snr + 1);
-  sample: min(snr, g)."""
+  sample: min(snr, g); a flow's velocity (x0 = x_t - sigma v): min(snr, g) sigma^2."""
   snr = schedule.snr(t)
   clipped = jnp.minimum(snr, gamma)
+  if schedule.continuous:
+    return clipped * schedule.s(t)**2
   if schedule.prediction_type == "epsilon":
     return clipped / snr
   if schedule.prediction_type == "v_prediction":
@@ -54,9 +56,14 @@ def denoising_loss(params, apply: Callable, schedule: Schedule, x0, cond, uncond
                    min_snr_gamma: Optional[float] = None):
   """Mean squared error of the model output against its target (eps, v or x0) at t ~ U{0..N-1};
   with `min_snr_gamma` > 0, each sample's error weighted by `min_snr_weight` (None or <= 0: unweighted,
-  as `TDMConfig.min_snr_gamma`)."""
+  as `TDMConfig.min_snr_gamma`). A flow teacher learns the velocity at sigma = shift(u) with u logit-normal
+  (SD3's training draw, its "logit_normal" scheme: mean 0, std 1, on the teacher's shifted grid)."""
   t_key, n_key, d_key = jax.random.split(key, 3)
-  t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.num_train_timesteps)
+  if schedule.continuous:
+    u = jax.nn.sigmoid(jax.random.normal(t_key, (x0.shape[0],), jnp.float32))
+    t = schedule.num_train_timesteps * schedule.warp(u)
+  else:
+    t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.num_train_timesteps)
   eps = jax.random.normal(n_key, x0.shape, x0.dtype)
   cond = drop_condition(d_key, cond, uncond, cond_dropout)
   out = apply(params, schedule.add_noise(x0, eps, t), t, cond)

@@ -264,12 +264,13 @@ def flow_sampling_sigmas(schedule: FlowSchedule, num_steps: int) -> np.ndarray:
     return np.asarray(schedule.warp(sigmas), np.float32)
 
 
-def from_diffusers_config_any(config: dict, image_seq_len: Optional[int] = None):
-    """The schedule a Diffusers scheduler config defines: a FlowSchedule for flow-matching schedulers,
-    else the variance-preserving Schedule (`from_diffusers_config`)."""
+def from_diffusers_config(config: dict, image_seq_len: Optional[int] = None):
+    """The schedule a Diffusers ``scheduler_config.json`` dict defines: a FlowSchedule for flow-matching
+    schedulers (`image_seq_len`, in latent patches, fixes dynamic shifting), else the variance-preserving
+    Schedule (`vp_from_diffusers_config`)."""
     if config.get("_class_name") in FLOW_SCHEDULERS:
         return FlowSchedule.from_diffusers_config(config, image_seq_len)
-    return from_diffusers_config(config)
+    return vp_from_diffusers_config(config)
 
 
 def _betas(beta_schedule, beta_start, beta_end, n):
@@ -313,8 +314,9 @@ def make_schedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.
     return _schedule_from_betas(betas, prediction_type)
 
 
-def from_diffusers_config(config: dict) -> Schedule:
-    """Schedule from a Diffusers ``scheduler_config.json`` dict; missing keys take Diffusers' defaults."""
+def vp_from_diffusers_config(config: dict) -> Schedule:
+    """Schedule from a Diffusers ``scheduler_config.json`` dict of a variance-preserving scheduler (DDPM,
+    DDIM, Euler, DPM-Solver, ...); missing keys take Diffusers' defaults."""
     prediction_type = config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
         raise ConfigError(f"unknown prediction_type {prediction_type!r}; supported: {PREDICTION_TYPES}")

@@ -54,6 +54,7 @@ class TDMConfig:
   step_choices: tuple = ()  # "unified" TDM: K drawn per iteration from these; student and fake score get `num_steps=K`
   step_weights: tuple = ()  # relative odds of each of step_choices (empty: uniform)
   condition_fake_on_segment: bool = False  # fake score gets `segment=k` (meant for "shared" mode)
+  student_shift: float = 0.0  # flow teachers: the student's grid is shift((K - j) / K) with this k (0: the teacher's)
 
   def __post_init__(self):
     if self.step_weights and (len(self.step_weights) != len(self.step_choices)
@@ -75,6 +76,15 @@ class TDMConfig:
             f"timesteps, too short for min_timestep={self.min_timestep}, upper_margin="
             f"{self.upper_margin}, mid_margin={self.mid_margin} (random_mid needs mid_margin >= upper_margin); "
             f"raise total_steps or change the margins")
+
+  def student_schedule(self, schedule):
+    """The teacher's schedule with this config's student grid (`student_shift`; flow schedules only)."""
+    if not self.student_shift:
+      return schedule
+    if not schedule.continuous:
+      raise ConfigError(f"tdm.student_shift={self.student_shift} warps a rectified-flow grid; this teacher's "
+                        f"schedule is variance-preserving (its grid is tdm.total_steps): leave it 0")
+    return schedule.replace(student_shift=float(self.student_shift))
 
   @classmethod
   def from_config(cls, config) -> "TDMConfig":

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdm_jax.core import lora
+from tdm_jax.core import lora, tdm
 from tdm_jax.core.schedules import from_diffusers_config
 from tdm_jax.core.train import Task
 from tdm_jax.infra import data, sharding
@@ -126,6 +126,9 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
     return cond, uncond
 
   latent = pixels // d.vae_scale_factor
+  patches = (latent // backbone.downsampling(d.denoiser_config)) ** 2  # what dynamic shifting scales with
+  schedule = tdm.TDMConfig.from_config(config.tdm).student_schedule(
+      from_diffusers_config(d.scheduler_config, image_seq_len=patches))
   apply = backbone.apply_fn(model)
   as_float32 = lambda teacher: jax.tree.map(lambda x: x.astype(jnp.float32), teacher)
   init = None if lora_cfg else (lambda teacher, key: as_float32(teacher))
@@ -140,7 +143,7 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
     else:
       init = lambda teacher, key: {**as_float32(teacher), **table}
   return Task(apply=apply, teacher_params=frozen[d.denoiser],
-              schedule=from_diffusers_config(d.scheduler_config),
+              schedule=schedule,
               sample_shape=(backbone.in_channels(d.denoiser_config), latent, latent), batch=batch,
               local_batch=local_batch, student_apply=student_apply, fake_apply=student_apply,
               student_init=init, fake_init=init,

@@ -117,6 +117,7 @@ def describe(folder: str) -> PipelineDescription:
   denoiser, denoiser_class = backbones.denoiser_component(index)
   backbone = backbones.for_class(denoiser_class)
   denoiser_dict = folders.read_config(folders.component_path(folder, denoiser))
+  family = family.for_pipeline(index, denoiser_dict)
   slots = []
   for tok, enc in ENCODER_SLOTS:
     cls = _listed(index, enc)
@@ -133,6 +134,12 @@ def describe(folder: str) -> PipelineDescription:
         f"{folder!r} is an SDXL pipeline but none of its text encoders has a text projection for the pooled "
         f"embedding; text_encoder_2 must be a CLIPTextModelWithProjection (index entry: "
         f"{index.get('text_encoder_2')!r})")
+  for name in family.projections:  # SD3: both CLIPs give a pooled embedding
+    slot = next((s for s in slots if s.encoder == name), None)
+    if slot is None or not getattr(slot.config, "with_projection", False):
+      raise folders.FolderError(
+          f"{folder!r} is a {pipeline_class}, whose pooled projections need {name} to be a "
+          f"CLIPTextModelWithProjection (index entry: {index.get(name)!r})")
   vae_class = _listed(index, "vae")
   if vae_class not in VAE_CLASSES:
     raise folders.FolderError(f"the pipeline's vae is {vae_class!r}; supported: {', '.join(VAE_CLASSES)}")

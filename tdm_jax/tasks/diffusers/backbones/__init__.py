@@ -26,6 +26,7 @@ PyTree = Any
 FAMILIES = {
     "UNet2DConditionModel": "tdm_jax.tasks.diffusers.backbones.unet",
     "PixArtTransformer2DModel": "tdm_jax.tasks.diffusers.backbones.pixart",
+    "SD3Transformer2DModel": "tdm_jax.tasks.diffusers.backbones.mmdit",
 }
 
 

@@ -1,0 +1,204 @@
+"""Diffusers SD3Transformer2DModel state dict <-> our `tdm_jax.models.mmdit` parameter tree.
+
+Names: `transformer_blocks.3.attn.to_out.0.weight` is our `transformer_blocks_3/attn/to_out_0/kernel`,
+`transformer_blocks.3.ff_context.net.0.proj.weight` our `.../ff_context/net_0/proj/kernel` (a list
+index joins the name before it), the QK RMS norms' `weight` our `scale`
+(`transformer_blocks_3/attn/norm_added_q/scale`). Layouts: linear weights (out, in) <-> (in, out),
+the patch conv OIHW <-> HWIO. The expected tree is `jax.eval_shape` of init, so every unfilled
+parameter, unused tensor and shape mismatch is named before anything is built.
+
+Diffusers' persistent buffer `pos_embed.pos_embed` (the fixed sin-cos table of pos_embed_max_size^2
+positions) is no parameter of ours: the model computes it. A checkpoint's table is checked against
+ours (to its dtype's rounding) and a different one is named as a mismatch; an export writes ours.
+Our step-count table (`step_embedding`) has no Diffusers counterpart: `fold_step_embedding` folds one
+row into `time_text_embed.timestep_embedder.linear_2`'s bias before export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tdm_jax.convert import names
+from tdm_jax.convert.errors import ConversionError, check_conversion, check_params_match
+from tdm_jax.models.mmdit import MMDiTConfig, SD3Transformer2DModel, axis_embedding, cropped_pos_embed
+
+STEP_EMBEDDING = "step_embedding"
+STEP_BIAS = ("time_text_embed", "timestep_embedder", "linear_2", "bias")
+POS_TABLE = "pos_embed.pos_embed"  # Diffusers' buffer: checked and written, never a parameter
+_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")  # RMSNorm modules: `weight` is our `scale`
+_LIST_RE = names.list_pattern(("transformer_blocks", "to_out", "net"))
+_WEIGHTS = ("kernel", "scale")  # our names of Diffusers' `weight`
+
+# The attention projections of the joint `attn` (image and text streams) and of SD3.5-Medium's `attn2`,
+# as Diffusers' SD3 LoRA training (PEFT) targets them: regexes over our "/"-joined parameter paths.
+LORA_TARGETS = (
+    r"(^|/)transformer_blocks_\d+/attn2?/(to_q|to_k|to_v|to_out_0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"/kernel$",
+)
+
+ConfigLike = Union[MMDiTConfig, Mapping[str, Any]]
+
+
+def _as_config(config: ConfigLike) -> MMDiTConfig:
+  return config if isinstance(config, MMDiTConfig) else MMDiTConfig.from_dict(config)
+
+
+def abstract_params(config: ConfigLike):
+  """The model's parameter tree as ShapeDtypeStructs in their logical-axis boxes (`jax.eval_shape` of
+  init on one patch: no FLOPs, no memory)."""
+  config = _as_config(config)
+  model = SD3Transformer2DModel(config)
+  p = config.patch_size
+  sample = jnp.zeros((1, config.in_channels, p, p), jnp.float32)
+  context = jnp.zeros((1, 1, config.joint_attention_dim), jnp.float32)
+  pooled = jnp.zeros((1, config.pooled_projection_dim), jnp.float32)
+  extra = {}
+  if config.num_step_embeds is not None:
+    extra["num_steps"] = jnp.zeros((1,), jnp.int32)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), sample, jnp.zeros((1,)), context, pooled,
+                                           **extra))["params"]
+
+
+def expected_param_shapes(config: ConfigLike) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
+  return names.flat_shapes(abstract_params(config))
+
+
+def our_path(name: str) -> Tuple[str, ...]:
+  """'transformer_blocks.0.attn.to_out.0.weight' -> ('transformer_blocks_0', 'attn', 'to_out_0', 'kernel');
+  'transformer_blocks.0.attn.norm_q.weight' -> (..., 'norm_q', 'scale')."""
+  path = names.split_indices(name)
+  if path[-1] == "weight":
+    return path[:-1] + ("scale" if len(path) > 1 and path[-2] in _NORMS else "kernel",)
+  return path
+
+
+def diffusers_name(path: Tuple[str, ...]) -> str:
+  leaf = "weight" if path[-1] in _WEIGHTS else path[-1]
+  return names.join_indices(path[:-1] + (leaf,), _LIST_RE)
+
+
+def _axes(path: Tuple[str, ...], ndim: int, to_ours: bool) -> Tuple[int, ...]:
+  """Transpose from Diffusers' layout to ours (or back): kernels only."""
+  if path[-1] == "kernel" and ndim == 2:
+    return (1, 0)
+  if path[-1] == "kernel" and ndim == 4:
+    return (2, 3, 1, 0) if to_ours else (3, 2, 0, 1)
+  return tuple(range(ndim))
+
+
+def full_pos_table(config: MMDiTConfig) -> np.ndarray:
+  """Diffusers' `pos_embed.pos_embed` buffer for `config`: (1, max^2, inner) float32."""
+  size = config.pos_embed_max_size
+  table = cropped_pos_embed(config.inner_dim, size, config.base_size, size, size)
+  return table[None]
+
+
+def _pos_table_mismatch(value: np.ndarray, config: MMDiTConfig) -> Optional[str]:
+  """None if a checkpoint's `pos_embed.pos_embed` is our table (to its dtype's rounding), else the line
+  naming how it differs. Compared one row of the grid at a time (the table is up to 384^2 x 2432)."""
+  size, dim = config.pos_embed_max_size, config.inner_dim
+  want = (1, size * size, dim)
+  if tuple(value.shape) != want:
+    return f"{POS_TABLE}: expected {want}, got {tuple(value.shape)}"
+  dtype = jnp.dtype(value.dtype)
+  tol = max(1e-4, float(jnp.finfo(dtype).eps)) if jnp.issubdtype(dtype, jnp.floating) else 1e-4
+  axis = axis_embedding(dim, size, config.base_size)
+  grid = value.reshape(size, size, dim)
+  half = dim // 2
+  worst = 0.0
+  for r in range(size):
+    row = np.asarray(grid[r], np.float64)
+    worst = max(worst, float(np.max(np.abs(row[:, :half] - axis))), float(np.max(np.abs(row[:, half:] - axis[r]))))
+  if worst > tol:
+    return (f"{POS_TABLE}: differs from the sin-cos table this model computes (pos_embed_max_size={size}, "
+            f"base_size={config.base_size}) by up to {worst:.3g} (tolerance {tol:.3g} for {dtype.name})")
+  return None
+
+
+def mmdit_params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: ConfigLike) -> Dict[str, Any]:
+  """Diffusers SD3Transformer2DModel state dict (name -> array) -> our parameter tree (the "params" collection).
+
+  Arrays keep the checkpoint's dtype. Raises ConversionError naming every unused tensor, unfilled
+  parameter and shape mismatch (a config with `num_step_embeds` leaves `step_embedding` unfilled:
+  convert with the Diffusers config, then add the table). `pos_embed.pos_embed`, if there, must be
+  the table the model computes; if absent, Diffusers too computes it.
+  """
+  config = _as_config(config)
+  expected = expected_param_shapes(config)
+  filled: Dict[Tuple[str, ...], np.ndarray] = {}
+  unused, mismatched = [], []
+  for name in sorted(state_dict):
+    if name == POS_TABLE and config.pos_embed_max_size is not None:
+      line = _pos_table_mismatch(np.asarray(state_dict[name]), config)
+      if line:
+        mismatched.append(line)
+      continue
+    path = our_path(name)
+    if path not in expected:
+      unused.append(name)
+      continue
+    value = np.asarray(state_dict[name])
+    axes = _axes(path, value.ndim, to_ours=False)
+    want = tuple(expected[path][i] for i in axes) if len(axes) == len(expected[path]) else None
+    if want is None or tuple(value.shape) != want:
+      want = want or tuple(expected[path])
+      mismatched.append(f"{name}: expected {want}, got {tuple(value.shape)}")
+      continue
+    filled[path] = np.transpose(value, _axes(path, value.ndim, to_ours=True))
+  mismatched_names = {m.split(":")[0] for m in mismatched}
+  unfilled = sorted(n for n in (diffusers_name(p) for p in expected if p not in filled) if n not in mismatched_names)
+  check_conversion("SD3 transformer checkpoint", unfilled=unfilled, unused=unused, mismatched=mismatched,
+                   hint="Check that config.json belongs to these weights.")
+  return flax.traverse_util.unflatten_dict(filled)
+
+
+def mmdit_state_dict_from_params(params: Mapping[str, Any], config: ConfigLike) -> Dict[str, np.ndarray]:
+  """Our parameter tree -> Diffusers SD3Transformer2DModel state dict (name -> numpy array), checked
+  against config, with the `pos_embed.pos_embed` buffer (float32) when the config has pos_embed_max_size.
+
+  A step-count table has no place in Diffusers' model: fold it first (`fold_step_embedding`).
+  """
+  config = _as_config(config)
+  flat = flax.traverse_util.flatten_dict(flax.core.meta.unbox(flax.core.unfreeze(params)))
+  if config.num_step_embeds is not None or any(p[0] == STEP_EMBEDDING for p in flat):
+    raise ConversionError("SD3 transformer params carry a step-count table (step_embedding / num_step_embeds), "
+                          "which Diffusers' model has not: fold one row with fold_step_embedding before export")
+  expected = expected_param_shapes(config)
+  check_params_match("SD3 transformer", flat, expected)
+  out = {}
+  for path, value in flat.items():
+    value = np.asarray(jax.device_get(value))
+    out[diffusers_name(path)] = np.transpose(value, _axes(path, value.ndim, to_ours=False))
+  if config.pos_embed_max_size is not None:
+    out[POS_TABLE] = full_pos_table(config)
+  return out
+
+
+def fold_step_embedding(params: Mapping[str, Any], config: ConfigLike, num_steps: int):
+  """(params, config) of the model with one step count K fixed: row K of `step_embedding` added to
+  `time_text_embed/timestep_embedder/linear_2/bias`, the table and `num_step_embeds` removed.
+
+  The row is added right after that layer, so the folded model computes the same function for K.
+  `config` (the student's, or the teacher's without a table) is returned as it came: a dict without
+  "num_step_embeds", or an MMDiTConfig with None.
+  """
+  flat = dict(flax.traverse_util.flatten_dict(flax.core.meta.unbox(flax.core.unfreeze(params))))
+  table = flat.pop((STEP_EMBEDDING, "embedding"), None)
+  if table is None:
+    raise ConversionError("fold_step_embedding: params have no step_embedding/embedding table")
+  if not 0 <= num_steps < np.shape(table)[0]:
+    raise ConversionError(f"fold_step_embedding: num_steps={num_steps} is not a row of the "
+                          f"{np.shape(table)[0]}-row step table")
+  bias = flat[STEP_BIAS]
+  flat[STEP_BIAS] = (jnp.asarray(bias, jnp.float32) + jnp.asarray(table[num_steps], jnp.float32)).astype(bias.dtype)
+  if isinstance(config, MMDiTConfig):
+    folded = dataclasses.replace(config, num_step_embeds=None)
+  else:
+    folded = {k: v for k, v in config.items() if k != "num_step_embeds"}
+  return flax.traverse_util.unflatten_dict(flat), folded
