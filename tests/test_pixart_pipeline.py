@@ -144,7 +144,7 @@ def test_bad_pixart_folders_are_refused_in_one_line(pixart, tmp_path):
   unknown = _copy(folder, tmp_path, "unknown_class")
   _edit_json(os.path.join(unknown, "model_index.json"), transformer=["diffusers", "FluxTransformer2DModel"])
   with pytest.raises(ConfigError, match="FluxTransformer2DModel.*supported denoisers: PixArtTransformer2DModel, "
-                                        "UNet2DConditionModel"):
+                                        "SD3Transformer2DModel, UNet2DConditionModel"):
     describe(unknown)
   shard = _copy(folder, tmp_path, "missing_shard")
   os.remove(os.path.join(shard, "text_encoder", "model-00002-of-00005.safetensors"))

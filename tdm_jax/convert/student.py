@@ -14,6 +14,12 @@ only. So every exported folder gets (what is family-specific, the backbone's `gu
   the network (exact), since stock pipelines pass no step count;
 - `tdm_student.json`: the step counts it was trained for and their timesteps, which
   `check_folder` compares with the folder's scheduler before our own tools sample it.
+
+Rectified-flow students (SD3 / SD3.5) sit on sigma_j = shift((K - j) / K), which no stock
+`set_timesteps(K)` gives (it spaces sigmas from 1 to about 1/1000 before shifting). Their folders get
+a FlowMatchEulerDiscreteScheduler with the student's shift as a static one (no dynamic shifting), and
+the stock call passes the unshifted grid `sigmas=[1, (K-1)/K, ..., 1/K]` that it then warps onto the
+student's (`stock_sigmas`; recorded in tdm_student.json and passed by `stock_call_extra`).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from tdm_jax.core import tdm
-from tdm_jax.core.schedules import betas_from_config, sampling_timesteps
+from tdm_jax.core.schedules import FLOW_SCHEDULERS, FlowSchedule, betas_from_config, sampling_timesteps
 from tdm_jax.infra.errors import ConfigError
 
 METADATA = "tdm_student.json"
@@ -34,13 +40,39 @@ _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedul
                   "prediction_type", "rescale_betas_zero_snr")
 
 
-def scheduler_config(teacher: Mapping[str, Any], total_steps: Optional[int] = None) -> dict:
-  """The student's DDIMScheduler config: the teacher's noise schedule, the student's step grid.
+def is_flow(config: Mapping[str, Any]) -> bool:
+  """Whether a scheduler config is a flow-matching one (the student's grid is then in sigma)."""
+  return config.get("_class_name") in FLOW_SCHEDULERS
+
+
+def stock_sigmas(num_steps: int) -> list:
+  """The sigmas a stock flow pipeline call passes for a K-step student: 1, (K-1)/K, ..., 1/K, which its
+  scheduler warps with the exported shift onto the student's grid."""
+  return [float((num_steps - j) / num_steps) for j in range(num_steps)]
+
+
+def flow_scheduler_config(teacher: Mapping[str, Any], schedule: FlowSchedule) -> dict:
+  """The student's FlowMatchEulerDiscreteScheduler: the teacher's config with the student's grid warp as a
+  static shift and dynamic shifting off (a dynamic teacher's shift was fixed at the trained size)."""
+  out = {k: v for k, v in teacher.items() if not k.startswith("_")}
+  out.update(_class_name="FlowMatchEulerDiscreteScheduler", shift=schedule.student_static_shift,
+             use_dynamic_shifting=False)
+  return out
+
+
+def scheduler_config(teacher: Mapping[str, Any], total_steps: Optional[int] = None,
+                     schedule: Optional[FlowSchedule] = None) -> dict:
+  """The student's DDIMScheduler config: the teacher's noise schedule, the student's step grid (a flow
+  teacher's: `flow_scheduler_config`, with the training `schedule`).
 
   With S = `total_steps` below the teacher's num_train_timesteps (the PixArt demo's S = 900), the
   schedule is written as its first S betas (`trained_betas`, num_train_timesteps S): alphabar is the
   teacher's at every t < S, and "trailing" spacing over S steps gives the student's tau_j = S - 1 - j S / K,
   so a stock `set_timesteps(K)` still lands on them."""
+  if is_flow(teacher):
+    if schedule is None:
+      raise ValueError("a flow teacher's student scheduler needs the training schedule (its student grid)")
+    return flow_scheduler_config(teacher, schedule)
   out = {"_class_name": "DDIMScheduler"}
   out.update({k: teacher[k] for k in _SCHEDULE_KEYS if k in teacher})
   n_train = int(teacher.get("num_train_timesteps", 1000))
@@ -77,33 +109,77 @@ def _plain_ddim(config: Mapping[str, Any]) -> bool:
           and not config.get("thresholding", False))
 
 
-def mismatched_counts(config: Mapping[str, Any], total_steps: int, step_counts: Sequence[int]) -> list:
-  """The step counts K at which a stock call with this scheduler config would not sample the student."""
+def flow_stock_timesteps(config: Mapping[str, Any], num_steps: int) -> np.ndarray:
+  """The timesteps (1000 sigma, float32) of a flow scheduler config's `set_timesteps(sigmas=stock_sigmas(K))`;
+  with dynamic shifting they depend on the image size, so such a config gives none (NaNs)."""
+  if config.get("use_dynamic_shifting", False):
+    return np.full(num_steps, np.nan, np.float32)
+  flow = FlowSchedule.from_diffusers_config(dict(config))
+  return np.asarray(flow.num_train_timesteps * flow.warp(np.asarray(stock_sigmas(num_steps), np.float32)),
+                    np.float32)
+
+
+def mismatched_counts(config: Mapping[str, Any], total_steps: int, step_counts: Sequence[int],
+                      schedule: Optional[FlowSchedule] = None) -> list:
+  """The step counts K at which a stock call with this scheduler config would not sample the student (for
+  a flow scheduler, called with `stock_sigmas(K)`; `schedule` the training one)."""
+  if is_flow(config):
+    want = lambda k: tdm.student_timesteps(total_steps, k, schedule)
+    return [int(k) for k in step_counts
+            if not np.allclose(flow_stock_timesteps(config, k), want(k), rtol=1e-5, atol=1e-3)]
   same = lambda k: all(np.array_equal(a, b) for a, b in zip(student_grid(total_steps, k), ddim_timesteps(config, k)))
   return [int(k) for k in step_counts if not (_plain_ddim(config) and same(k))]
 
 
-def write_metadata(folder: str, total_steps: int, step_counts: Sequence[int]) -> None:
-  info = {"step_counts": [int(k) for k in step_counts], "total_steps": int(total_steps),
-          "timesteps": {str(k): [int(t) for t in tdm.student_timesteps(total_steps, k)] for k in step_counts},
-          "guidance": "distilled in: stock pipelines skip classifier-free guidance for this UNet"}
+def write_metadata(folder: str, total_steps: int, step_counts: Sequence[int],
+                   schedule: Optional[FlowSchedule] = None) -> None:
+  info = {"step_counts": [int(k) for k in step_counts], "total_steps": int(total_steps)}
+  if schedule is not None and schedule.continuous:
+    info.update(timesteps={str(k): [float(t) for t in tdm.student_timesteps(total_steps, k, schedule)]
+                           for k in step_counts},
+                sigmas={str(k): stock_sigmas(k) for k in step_counts},
+                guidance="distilled in: call with guidance_scale=1.0 and sigmas=the entry for K above")
+  else:
+    info.update(timesteps={str(k): [int(t) for t in tdm.student_timesteps(total_steps, k)] for k in step_counts},
+                guidance="distilled in: stock pipelines skip classifier-free guidance for this UNet")
   with open(os.path.join(folder, METADATA), "w") as f:
     json.dump(info, f, indent=2)
+
+
+def _metadata(folder: str) -> dict:
+  path = os.path.join(folder, METADATA)
+  if not os.path.exists(path):
+    raise ConfigError(f"{folder} has no {METADATA}: it is not a TDM student exported by this version")
+  with open(path) as f:
+    return json.load(f)
+
+
+def stock_call_extra(folder: str, num_steps: int) -> dict:
+  """What a stock call of exported student `folder` passes beyond its family's arguments: a flow student's
+  `sigmas` for K = num_steps; nothing for a discrete one."""
+  sigmas = _metadata(folder).get("sigmas")
+  return {"sigmas": list(sigmas[str(int(num_steps))])} if sigmas else {}
 
 
 def check_folder(folder: str, num_steps: int) -> None:
   """Raises ValueError when `folder` (an exported student pipeline) would not sample its student
   right at `num_steps`: a step count it was not trained for, or a scheduler that was swapped."""
-  path = os.path.join(folder, METADATA)
-  if not os.path.exists(path):
-    raise ConfigError(f"{folder} has no {METADATA}: it is not a TDM student exported by this version")
-  with open(path) as f:
-    info = json.load(f)
+  info = _metadata(folder)
   if int(num_steps) not in info["step_counts"]:
     raise ConfigError(f"{folder}: the student was trained for {info['step_counts']} steps, not {num_steps}; "
                       f"sample it with num_inference_steps in {info['step_counts']}")
   with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
     config = json.load(f)
+  want = np.asarray(info["timesteps"][str(int(num_steps))])
+  if "sigmas" in info:
+    got = flow_stock_timesteps(config, num_steps) if is_flow(config) else np.full(len(want), np.nan)
+    if not np.allclose(got, want, rtol=1e-5, atol=1e-3):
+      raise ConfigError(f"{folder}/scheduler ({config.get('_class_name')}, shift {config.get('shift')}, dynamic "
+                        f"shifting {config.get('use_dynamic_shifting')}) does not give the student's timesteps "
+                        f"{want.tolist()} from sigmas={info['sigmas'][str(int(num_steps))]} at {num_steps} steps; "
+                        f"restore the exported scheduler (FlowMatchEulerDiscreteScheduler, static shift) or "
+                        f"sample with our sampler")
+    return
   if mismatched_counts(config, info["total_steps"], [num_steps]):
     want = info["timesteps"][str(int(num_steps))]
     raise ConfigError(f"{folder}/scheduler ({config.get('_class_name')}, spacing "

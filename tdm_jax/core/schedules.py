@@ -215,6 +215,15 @@ class FlowSchedule:
         """The distilled student's grid warp: `student_shift`, or the teacher's when 0."""
         return self.warp(u, self.student_shift)
 
+    @property
+    def student_static_shift(self) -> float:
+        """The static shift k whose warp k u / (1 + (k - 1) u) is the student's: `student_shift`, the
+        teacher's shift, or a dynamic teacher's time shift at its mu (e^mu exponential, mu linear: the
+        same function of u), so that a stock scheduler without dynamic shifting reproduces the grid."""
+        if self.student_shift or self.mu is None:
+            return float(self.student_shift or self.shift)
+        return float(math.exp(self.mu) if self.time_shift_type == "exponential" else self.mu)
+
     @classmethod
     def from_diffusers_config(cls, config: dict, image_seq_len: Optional[int] = None) -> "FlowSchedule":
         """From a FlowMatchEulerDiscreteScheduler config; options we do not model are refused by name.

@@ -73,6 +73,14 @@ def resolution(config, d: PipelineDescription) -> int:
   return pixels
 
 
+def teacher_schedule(config, d: PipelineDescription, pixels: int):
+  """The schedule the student trains and samples on: the folder's scheduler (a FlowSchedule for flow
+  matching, its dynamic shift fixed by the latent's patches at `pixels`) with `tdm.student_shift`."""
+  patches = (pixels // d.vae_scale_factor // d.backbone.downsampling(d.denoiser_config)) ** 2
+  return tdm.TDMConfig.from_config(config.tdm).student_schedule(
+      from_diffusers_config(d.scheduler_config, image_seq_len=patches))
+
+
 def build_task(config, workdir: str, progress: bool = True, devices=None, materialize: bool = True) -> Task:
   """The pipeline as a Task, its frozen weights placed on the mesh of `devices` (default: all).
 
@@ -90,6 +98,7 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
                                            remat=config.model.remat)
   model = make_model(d.denoiser_config)
   pixels = resolution(config, d)
+  schedule = teacher_schedule(config, d, pixels)  # a scheduler option we do not model fails here, up front
   abstract, axes = abstract_trees(d)
   if lora_cfg is not None:
     lora.target_paths(abstract[d.denoiser], lora_cfg)  # an unmatched target regex fails here, before any work
@@ -126,9 +135,6 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
     return cond, uncond
 
   latent = pixels // d.vae_scale_factor
-  patches = (latent // backbone.downsampling(d.denoiser_config)) ** 2  # what dynamic shifting scales with
-  schedule = tdm.TDMConfig.from_config(config.tdm).student_schedule(
-      from_diffusers_config(d.scheduler_config, image_seq_len=patches))
   apply = backbone.apply_fn(model)
   as_float32 = lambda teacher: jax.tree.map(lambda x: x.astype(jnp.float32), teacher)
   init = None if lora_cfg else (lambda teacher, key: as_float32(teacher))

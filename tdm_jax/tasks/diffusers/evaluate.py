@@ -102,7 +102,8 @@ def stock_diffusers_images(folder: str, prompt_list, z, num_steps: int, chunk: i
   with torch.no_grad():
     for i in range(0, len(prompt_list), chunk):
       out.append(pipe(list(prompt_list[i:i + chunk]), num_inference_steps=num_steps, latents=latents[i:i + chunk],
-                      output_type="np", **dict(family.stock_call)).images)
+                      output_type="np", **dict(family.stock_call),
+                      **student_io.stock_call_extra(folder, num_steps)).images)
   ms = 1000.0 * (time.perf_counter() - began)
   return np.clip(np.round(np.concatenate(out) * 255.0), 0, 255).astype(np.uint8), ms
 

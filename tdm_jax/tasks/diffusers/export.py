@@ -3,7 +3,8 @@
 Per trained step count K (one folder per K for a unified student, `tdm.step_choices`): the whole
 pipeline `pipeline_{K}step/` (or `pipeline/`) with the student's denoiser, also alone as
 `{denoiser}_{K}step/`; the text encoders and VAE are written once and linked from the others. Every
-folder carries a DDIM "trailing" scheduler that gives the student's timesteps and `tdm_student.json`
+folder carries a DDIM "trailing" scheduler that gives the student's timesteps (a flow student's: a
+FlowMatchEulerDiscreteScheduler with its shift, called with `sigmas`) and `tdm_student.json`
 (`convert/student.py`); the family makes the denoiser sample right without a step count and, where it
 has a slot for it, without classifier-free guidance (`backbones/`). A LoRA student's merged folders
 hold the full-precision base plus its adapters; families whose pipelines load LoRA files (UNets) also
@@ -23,7 +24,7 @@ from tdm_jax.convert import student as student_io
 from tdm_jax.core import lora, tdm
 from tdm_jax.infra.errors import ConfigError
 from tdm_jax.tasks.diffusers import weights
-from tdm_jax.tasks.diffusers.build import lora_config
+from tdm_jax.tasks.diffusers.build import lora_config, resolution, teacher_schedule
 from tdm_jax.tasks.diffusers.description import describe
 
 
@@ -60,8 +61,10 @@ def export(config, workdir: str, student_params) -> str:
     base = jax.tree.map(lambda x: np.asarray(x, np.float32), trees[d.denoiser])
     student = jax.device_get(lora.merge(base, student, lora_cfg))
   total_steps = int(config.tdm.total_steps)
-  scheduler = student_io.scheduler_config(d.scheduler_config, total_steps)
-  bad = student_io.mismatched_counts(scheduler, total_steps, counts)
+  schedule = teacher_schedule(config, d, resolution(config, d))
+  flow = schedule if schedule.continuous else None
+  scheduler = student_io.scheduler_config(d.scheduler_config, total_steps, flow)
+  bad = student_io.mismatched_counts(scheduler, total_steps, counts, flow)
   if bad:
     logging.warning("tdm.total_steps=%d: a stock Diffusers scheduler cannot give the student's timesteps at %s "
                     "steps; the exported pipeline samples right only with our sampler", total_steps, bad)
@@ -77,6 +80,6 @@ def export(config, workdir: str, student_params) -> str:
     pipeline_io.export_pipeline(files, {d.denoiser: params} if first else {**trees, d.denoiser: params}, folder,
                                 d.write_component, components=d.model_components,
                                 configs={d.denoiser: config_k, "scheduler": scheduler}, shared_from=first)
-    student_io.write_metadata(folder, total_steps, [k] if unified else counts)
+    student_io.write_metadata(folder, total_steps, [k] if unified else counts, flow)
     first = first or folder
   return dest
