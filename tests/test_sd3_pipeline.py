@@ -116,6 +116,20 @@ def test_distilled_student_samples_right_in_a_stock_sd3_call(distilled):
     images[k] = theirs
   assert np.abs(images[1] - images[4]).mean() > 1e-3  # each K's row of the step table is its own
 
+  # The LoRA files in the teacher's own pipeline (the README's call) make the merged folders' images.
+  teacher = diffusers.StableDiffusion3Pipeline.from_pretrained(config.teacher.pipeline)
+  teacher.set_progress_bar_config(disable=True)
+  teacher.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(
+      os.path.join(workdir, "export", "pipeline_4step"), subfolder="scheduler")
+  teacher.load_lora_weights(os.path.join(workdir, "export", "lora"), adapter_name="tdm")
+  for k in (1, 2, 4):
+    teacher.load_lora_weights(os.path.join(workdir, "export", f"lora_{k}step"), adapter_name=f"tdm_{k}step")
+  for k in (1, 2, 4):
+    teacher.set_adapters(["tdm", f"tdm_{k}step"])
+    theirs = teacher(PROMPTS, num_inference_steps=k, sigmas=[(k - j) / k for j in range(k)], guidance_scale=1.0,
+                     latents=torch.from_numpy(z), output_type="np").images
+    np.testing.assert_allclose(theirs, images[k], atol=2e-3, err_msg=f"LoRA files, K={k}")
+
 
 def test_a_swapped_scheduler_is_caught(distilled, tmp_path):
   _, workdir, _ = distilled

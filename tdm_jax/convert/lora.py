@@ -1,21 +1,32 @@
-"""Our UNet LoRA adapters <-> a safetensors LoRA file that Diffusers loads.
+"""Our denoiser's LoRA adapters <-> a safetensors LoRA file that Diffusers loads.
 
-The file is in the PEFT layout Diffusers' `load_lora_weights` / `UNet2DConditionModel.load_lora_adapter`
-read (and write with `save_lora_weights`):
+The file is in the PEFT layout Diffusers' `load_lora_weights` / `<denoiser>.load_lora_adapter` read
+(and write with `save_lora_weights`):
 
-    unet.<module>.lora_A.weight   (r, in)    = a.T
-    unet.<module>.lora_B.weight   (out, r)   = (alpha / r) * b.T
+    <prefix>.<module>.lora_A.weight   (r, in)    = a.T
+    <prefix>.<module>.lora_B.weight   (out, r)   = (alpha / r) * b.T
 
-with `<module>` the Diffusers module name (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`,
-`...ff.net.0.proj`). The alpha / r scale is folded into lora_B, so the file means
-W + lora_B @ lora_A under any loader: Diffusers takes alpha == r (scale 1) when a file carries
-no alphas. Reading a file back gives adapters with a `LoraConfig` of alpha == rank.
+with `<module>` the Diffusers module name. What differs between denoiser families is a `LoraLayout`:
+the key prefix (the pipeline's component name) and the family's names and shapes.
 
-`save_step_lora` writes a unified student's step count K as a LoRA of its own on
-`time_embedding.linear_2` whose only non-zero tensor is `lora_B.bias` (see there).
+- `UNET` (the default of every function here): `unet.` + UNet2DConditionModel names
+  (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`, `...ff.net.0.proj`), read by
+  SD 1.x / 2.x / SDXL pipelines.
+- `MMDIT`: `transformer.` + SD3Transformer2DModel names (`transformer_blocks.3.attn.add_k_proj`,
+  `transformer_blocks.0.attn2.to_out.0`), read by `StableDiffusion3Pipeline` (SD3, SD3.5).
 
-`save_kohya_lora` / `load_kohya_lora` handle the kohya / SGM layout that ComfyUI and A1111 load and
-that SDXL-Lightning and Hyper-SD ship: module names of the original Stability (LDM) UNet, "." -> "_",
+The alpha / r scale is folded into lora_B, so the file means W + lora_B @ lora_A under any loader:
+Diffusers takes alpha == r (scale 1) when a file carries no alphas. Reading a file back gives
+adapters with a `LoraConfig` of alpha == rank.
+
+`save_step_lora` writes a unified student's step count K as a LoRA of its own on the layer after
+which the family adds its step row (the layout's `step_module`: the UNet's `time_embedding.linear_2`,
+the MMDiT's `time_text_embed.timestep_embedder.linear_2`) whose only non-zero tensor is
+`lora_B.bias` (see there).
+
+`save_kohya_lora` / `load_kohya_lora` (UNets only) handle the kohya / SGM layout that ComfyUI and A1111
+load and that SDXL-Lightning and Hyper-SD ship: module names of the original Stability (LDM) UNet,
+"." -> "_",
 
     lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight   (r, in)    = a.T
     lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight     (out, r)   = b.T
@@ -26,14 +37,17 @@ which every loader applies as W + (alpha / r) * up @ down.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-from typing import Any, Dict, Mapping, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import flax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from tdm_jax.convert import mmdit as mmdit_io
+from tdm_jax.convert import unet as unet_io
 from tdm_jax.convert.unet import diffusers_name, our_path, expected_param_shapes
 from tdm_jax.core import lora
 from tdm_jax.infra.errors import ConfigError
@@ -42,28 +56,68 @@ from tdm_jax.models.unet import UNetConfig
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # What `load_lora_weights(folder)` looks for.
 
+Path = Tuple[str, ...]
+
 
 class LoraConversionError(ConfigError):
-  """Adapters or a LoRA file do not fit the configured UNet; the message names the offenders."""
+  """Adapters or a LoRA file do not fit the configured denoiser; the message names the offenders."""
 
 
-def _check_kernels(paths, shapes, expected: Mapping[Tuple[str, ...], Tuple[int, ...]]) -> None:
+@dataclasses.dataclass(frozen=True)
+class LoraLayout:
+  """How one denoiser family's adapters are named in a Diffusers (PEFT) LoRA file.
+
+  prefix: the pipeline's component name, which starts every key ("unet", "transformer").
+  model: the denoiser's name in messages.
+  expected_param_shapes(config) -> {our parameter path: shape}, config a family config or its dict.
+  diffusers_name(module path) -> the Diffusers module name of one of our layers, its kernel's path
+    without "kernel" (`("transformer_blocks_0", "attn", "to_out_0")` -> "transformer_blocks.0.attn.to_out.0").
+  our_path(module name) -> our module path (the inverse).
+  step_module: our module path of the Dense layer whose output a unified student's step row is added to.
+  """
+  prefix: str
+  model: str
+  expected_param_shapes: Callable[[Any], Mapping[Path, Tuple[int, ...]]]
+  diffusers_name: Callable[[Path], str]
+  our_path: Callable[[str], Path]
+  step_module: Path
+
+  def key(self, module: Path, prefix: Optional[str] = None) -> str:
+    """`<prefix>.<Diffusers module name>`, the stem of a module's keys (prefix None: the layout's own)."""
+    prefix = self.prefix if prefix is None else prefix
+    return (prefix + "." if prefix else "") + self.diffusers_name(module)
+
+
+UNET = LoraLayout(prefix="unet", model="UNet", expected_param_shapes=unet_io.expected_param_shapes,
+                  diffusers_name=unet_io.diffusers_name, our_path=unet_io.our_path,
+                  step_module=("time_embedding", "linear_2"))  # where Diffusers adds the class embedding
+# The MMDiT converter names parameters (leaf included: `weight` <-> `kernel` / `scale`); strip the leaf.
+MMDIT = LoraLayout(prefix="transformer", model="SD3 transformer",
+                   expected_param_shapes=mmdit_io.expected_param_shapes,
+                   diffusers_name=lambda module: mmdit_io.diffusers_name(module + ("kernel",))[:-len(".weight")],
+                   our_path=lambda name: mmdit_io.our_path(name + ".weight")[:-1],
+                   step_module=mmdit_io.STEP_BIAS[:-1])  # where our model adds the step row
+
+ConfigLike = Any  # a family's config object (UNetConfig, MMDiTConfig) or its config.json dict
+
+
+def _check_kernels(paths, shapes, expected: Mapping[Path, Tuple[int, ...]], model: str = "UNet") -> None:
   problems = []
   for path, shape in zip(paths, shapes):
     name = "/".join(path)
     if path not in expected:
-      problems.append(f"{name}: no such parameter in the UNet")
+      problems.append(f"{name}: no such parameter in the {model}")
     elif len(expected[path]) != 2 or path[-1] != "kernel":
       problems.append(f"{name}: not a Dense kernel (shape {expected[path]})")
     elif tuple(shape) != expected[path]:
       problems.append(f"{name}: a @ b has shape {tuple(shape)}, the kernel {expected[path]}")
   if problems:
-    raise LoraConversionError("LoRA adapters do not fit the UNet config:\n  " + "\n  ".join(problems))
+    raise LoraConversionError(f"LoRA adapters do not fit the {model} config:\n  " + "\n  ".join(problems))
 
 
-def _adapter_pairs(adapters, expected) -> Dict[Tuple[str, ...], Tuple[np.ndarray, np.ndarray]]:
-  """{kernel path: (a, b)} as float32 numpy, checked against the UNet's kernels. Parameters trained in
-  full are refused: a LoRA file has no slot for them, and dropping them silently would lose them."""
+def _adapter_pairs(adapters, expected, model: str = "UNet") -> Dict[Path, Tuple[np.ndarray, np.ndarray]]:
+  """{kernel path: (a, b)} as float32 numpy, checked against the denoiser's kernels. Parameters trained
+  in full are refused: a LoRA file has no slot for them, and dropping them silently would lose them."""
   full = lora.split_full(adapters)[1]
   if full:
     raise LoraConversionError(
@@ -71,7 +125,7 @@ def _adapter_pairs(adapters, expected) -> Dict[Tuple[str, ...], Tuple[np.ndarray
         f"file cannot carry: write lora.split_full(adapters)[0], and a unified student's step table with "
         f"save_step_lora (tdm_jax.tasks.diffusers.task.export does both)")
   items = lora.adapter_items(adapters)
-  _check_kernels(list(items), [(np.shape(a)[0], np.shape(b)[1]) for a, b in items.values()], expected)
+  _check_kernels(list(items), [(np.shape(a)[0], np.shape(b)[1]) for a, b in items.values()], expected, model)
   out = {}
   for path, (a, b) in items.items():
     a = np.asarray(a, np.float32)
@@ -111,61 +165,71 @@ def _adapters_and_config(flat, rank: int, alpha: float):
   return adapters, lora.LoraConfig(rank=rank, alpha=float(alpha), targets=targets)
 
 
-def lora_state_dict_from_adapters(adapters, lora_cfg: lora.LoraConfig,
-                                  unet_config: Union[UNetConfig, Mapping[str, Any]],
-                                  prefix: str = "unet", dtype=np.float32) -> Dict[str, np.ndarray]:
-  """Adapters -> {"unet.<module>.lora_A.weight": (r, in), "unet.<module>.lora_B.weight": (out, r)}."""
+def lora_state_dict_from_adapters(adapters, lora_cfg: lora.LoraConfig, config: ConfigLike,
+                                  prefix: Optional[str] = None, dtype=np.float32,
+                                  layout: LoraLayout = UNET) -> Dict[str, np.ndarray]:
+  """Adapters -> {"<prefix>.<module>.lora_A.weight": (r, in), "<prefix>.<module>.lora_B.weight": (out, r)}.
+
+  `config` is the denoiser's (a family config or its config.json dict); prefix None: the layout's.
+  """
   out = {}
-  for path, (a, b) in _adapter_pairs(adapters, expected_param_shapes(unet_config)).items():
-    module = (prefix + "." if prefix else "") + diffusers_name(path[:-1])
+  for path, (a, b) in _adapter_pairs(adapters, layout.expected_param_shapes(config), layout.model).items():
+    module = layout.key(path[:-1], prefix)
     out[f"{module}.lora_A.weight"] = np.ascontiguousarray(a.T).astype(dtype)
     out[f"{module}.lora_B.weight"] = np.ascontiguousarray(lora_cfg.scale * b.T).astype(dtype)
   return out
 
 
-def save_lora(path: str, adapters, lora_cfg: lora.LoraConfig,
-              unet_config: Union[UNetConfig, Mapping[str, Any]], dtype=np.float32) -> str:
+def save_lora(path: str, adapters, lora_cfg: lora.LoraConfig, config: ConfigLike, dtype=np.float32,
+              layout: LoraLayout = UNET) -> str:
   """Writes the adapters as a Diffusers-loadable LoRA safetensors file, atomically; returns its path.
 
   `path` is a `.safetensors` file, or a folder that receives `pytorch_lora_weights.safetensors`.
-  Load with `pipeline.load_lora_weights(path)` or `unet.load_lora_adapter(path, prefix="unet")`.
+  Load with `pipeline.load_lora_weights(path)`, or `unet.load_lora_adapter(path, prefix="unet")`
+  (`transformer.load_lora_adapter(path, prefix="transformer")` with layout=MMDIT).
   """
-  tensors = lora_state_dict_from_adapters(adapters, lora_cfg, unet_config, dtype=dtype)
+  tensors = lora_state_dict_from_adapters(adapters, lora_cfg, config, dtype=dtype, layout=layout)
   return _write(path, tensors, {"format": "pt"})
 
 
-STEP_MODULE = ("time_embedding", "linear_2")  # its output is where Diffusers adds the class embedding
+STEP_MODULE = UNET.step_module  # the UNet's; a family's is its layout's `step_module`
 
 
-def save_step_lora(path: str, row, unet_config: Union[UNetConfig, Mapping[str, Any]], prefix: str = "unet",
-                   dtype=np.float32) -> str:
+def save_step_lora(path: str, row, config: ConfigLike, prefix: Optional[str] = None, dtype=np.float32,
+                   layout: LoraLayout = UNET) -> str:
   """Row K of a unified student's step table as a Diffusers LoRA file, atomically; returns its path.
 
-  Stock pipelines pass no class labels, so the row travels as the `lora_B.bias` of a rank-1 adapter
-  with all-zero matrices on time_embedding.linear_2: PEFT adds (alpha / r) * bias = the row (a file
-  without alphas has alpha = r) to that layer's output, where Diffusers adds the class embedding,
-  so the sum is exact. Loaded beside the adapters as an adapter of its own, one per K:
-  `pipe.load_lora_weights(path, adapter_name="tdm_4step")`, then `pipe.set_adapters(["tdm", "tdm_4step"])`.
-  Exact at adapter weight 1 only: a LoRA strength s (`set_adapters` weights, `cross_attention_kwargs
-  ={"scale": s}`, `fuse_lora(lora_scale=s)`) scales the row too; to soften the student, give s to the
-  shared adapters alone: `set_adapters(["tdm", "tdm_4step"], [s, 1.0])`.
+  Stock pipelines pass no step count, so the row travels as the `lora_B.bias` of a rank-1 adapter
+  with all-zero matrices on the layout's `step_module` (the UNet's time_embedding.linear_2, where
+  Diffusers adds the class embedding; the MMDiT's time_text_embed.timestep_embedder.linear_2, where
+  our model adds its step row): PEFT adds (alpha / r) * bias = the row (a file without alphas has
+  alpha = r) to that layer's output, so the sum is exact. Loaded beside the adapters as an adapter
+  of its own, one per K: `pipe.load_lora_weights(path, adapter_name="tdm_4step")`, then
+  `pipe.set_adapters(["tdm", "tdm_4step"])`. Exact at adapter weight 1 only: a LoRA strength s
+  (`set_adapters` weights, `cross_attention_kwargs={"scale": s}`, `fuse_lora(lora_scale=s)`) scales the
+  row too; to soften the student, give s to the shared adapters alone: `set_adapters(["tdm",
+  "tdm_4step"], [s, 1.0])`.
   """
-  kernel = expected_param_shapes(unet_config)[STEP_MODULE + ("kernel",)]
+  kernel = layout.expected_param_shapes(config)[layout.step_module + ("kernel",)]
   row = np.asarray(row, np.float32)
   if row.shape != (kernel[1],):
-    raise LoraConversionError(f"a step-table row of shape {row.shape} does not fit {'.'.join(STEP_MODULE)}, "
-                              f"whose output has {kernel[1]} features")
-  module = (prefix + "." if prefix else "") + ".".join(STEP_MODULE)
+    raise LoraConversionError(f"a step-table row of shape {row.shape} does not fit "
+                              f"{layout.diffusers_name(layout.step_module)}, whose output has {kernel[1]} features")
+  module = layout.key(layout.step_module, prefix)
   tensors = {f"{module}.lora_A.weight": np.zeros((1, kernel[0]), dtype),
              f"{module}.lora_B.weight": np.zeros((kernel[1], 1), dtype),
              f"{module}.lora_B.bias": row.astype(dtype)}
   return _write(path, tensors, {"format": "pt"})
 
 
-def load_lora(path: str, unet_config: Union[UNetConfig, Mapping[str, Any]],
-              prefix: str = "unet") -> Tuple[Dict[str, Any], lora.LoraConfig]:
-  """A file in the layout above -> (adapters, LoraConfig(rank, alpha=rank, targets=its kernels))."""
+def load_lora(path: str, config: ConfigLike, prefix: Optional[str] = None,
+              layout: LoraLayout = UNET) -> Tuple[Dict[str, Any], lora.LoraConfig]:
+  """A file in the layout above -> (adapters, LoraConfig(rank, alpha=rank, targets=its kernels)).
+
+  prefix None: the layout's. A step file (`save_step_lora`, with its `lora_B.bias`) is refused.
+  """
   path, tensors = _read(path)
+  prefix = layout.prefix if prefix is None else prefix
   start = prefix + "." if prefix else ""
   pairs: Dict[str, Dict[str, np.ndarray]] = {}
   unused = []
@@ -188,10 +252,10 @@ def load_lora(path: str, unet_config: Union[UNetConfig, Mapping[str, Any]],
     raise LoraConversionError(f"{path}: mixed ranks {sorted(ranks)} are not supported")
   flat = {}
   for module, ab in sorted(pairs.items()):
-    kernel = our_path(module) + ("kernel",)
+    kernel = layout.our_path(module) + ("kernel",)
     flat[kernel] = {"a": np.asarray(ab["a"], np.float32).T, "b": np.asarray(ab["b"], np.float32).T}
   _check_kernels(list(flat), [(v["a"].shape[0], v["b"].shape[1]) for v in flat.values()],
-                 expected_param_shapes(unet_config))
+                 layout.expected_param_shapes(config), layout.model)
   rank = ranks.pop()
   return _adapters_and_config(flat, rank, rank)
 
