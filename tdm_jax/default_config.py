@@ -105,7 +105,10 @@ def diffusers_config(**model) -> ml_collections.ConfigDict:
         # float32 copies of the denoiser, for small models). Targets are regexes over parameter paths;
         # () takes the denoiser family's own (attention projections and feed-forward kernels).
         lora_rank=0, lora_alpha=0.0,  # alpha 0: alpha = rank (scale 1)
-        lora_targets=()))
+        lora_targets=(),
+        # T5 tokens per prompt (PixArt, SD3); 0: the pipeline family's (120 / 300 / 256). Exports record it,
+        # and their stock calls pass it as max_sequence_length.
+        max_sequence_length=0))
     config.model.update(model)
     # S = the teacher's num_train_timesteps (1000 for SD and SDXL): a stock DDIM scheduler with "trailing"
     # spacing then gives the student's timesteps (999/749/499/249 for K = 4), so the exported student

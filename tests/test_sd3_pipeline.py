@@ -49,6 +49,7 @@ def _config(folder, prompt_file):
   config.model.dtype = config.model.teacher_dtype = "float32"
   config.model.remat = False
   config.model.lora_rank, config.model.lora_alpha = 4, 8.0
+  config.model.max_sequence_length = 12  # T5 tokens (SD3's 256 by default): exports record it for stock calls
   config.tdm.step_choices = (1, 2, 4)
   config.optim.student_lr = 1e-2  # large, so that two iterations move the adapters visibly
   config.optim.student_warmup_steps = 0
@@ -84,6 +85,7 @@ def test_the_task_trains_on_the_flow_grid(distilled):
   assert pairs and "step_embedding" in {p[0] for p in full}  # adapters plus the unified K table
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`")  # PEFT's note on a second adapter
 def test_distilled_student_samples_right_in_a_stock_sd3_call(distilled):
   config, workdir, state = distilled
   task = diffusers_task.build_task(copy.deepcopy(config), workdir)
@@ -91,7 +93,8 @@ def test_distilled_student_samples_right_in_a_stock_sd3_call(distilled):
   converted = os.path.join(workdir, "converted")
   trees = pipeline_io.load_converted(converted)
   d = describe(os.path.join(converted, "pipeline"))
-  cond, _ = prompts.PromptEncoder.from_description(d, trees, (16, 16))(PROMPTS)
+  cond, _ = prompts.PromptEncoder.from_description(d, trees, (16, 16), max_length=12)(PROMPTS)
+  assert cond["encoder_hidden_states"].shape == (2, tiny_sd3.tiny_pipeline.MAX_LENGTH + 12, tiny_sd3.JOINT_DIM)
   decode = jax.jit(AutoencoderKL(d.vae_config()).images_from_latents)
   z = np.random.default_rng(0).standard_normal((2, 16, 8, 8)).astype(np.float32)
   images = {}
@@ -106,9 +109,9 @@ def test_distilled_student_samples_right_in_a_stock_sd3_call(distilled):
     pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(export)  # the README's stock call, exactly
     pipe.set_progress_bar_config(disable=True)
     sigmas = [(k - j) / k for j in range(k)]
-    assert student_io.stock_call_extra(export, k) == {"sigmas": sigmas}
-    theirs = pipe(PROMPTS, num_inference_steps=k, sigmas=sigmas, guidance_scale=1.0, latents=torch.from_numpy(z),
-                  output_type="np").images
+    assert student_io.stock_call_extra(export, k) == {"sigmas": sigmas, "max_sequence_length": 12}
+    theirs = pipe(PROMPTS, num_inference_steps=k, sigmas=sigmas, guidance_scale=1.0, max_sequence_length=12,
+                  latents=torch.from_numpy(z), output_type="np").images
     np.testing.assert_allclose(ours, theirs, atol=2e-3, err_msg=f"K={k}")
     np.testing.assert_allclose(pipe.scheduler.timesteps.numpy(), [1000, 900, 750, 500][:1] if k == 1 else
                                {2: [1000, 750], 4: [1000, 900, 750, 500]}[k], rtol=1e-5)
@@ -127,7 +130,7 @@ def test_distilled_student_samples_right_in_a_stock_sd3_call(distilled):
   for k in (1, 2, 4):
     teacher.set_adapters(["tdm", f"tdm_{k}step"])
     theirs = teacher(PROMPTS, num_inference_steps=k, sigmas=[(k - j) / k for j in range(k)], guidance_scale=1.0,
-                     latents=torch.from_numpy(z), output_type="np").images
+                     max_sequence_length=12, latents=torch.from_numpy(z), output_type="np").images
     np.testing.assert_allclose(theirs, images[k], atol=2e-3, err_msg=f"LoRA files, K={k}")
 
 

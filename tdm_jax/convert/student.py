@@ -132,8 +132,11 @@ def mismatched_counts(config: Mapping[str, Any], total_steps: int, step_counts: 
 
 
 def write_metadata(folder: str, total_steps: int, step_counts: Sequence[int],
-                   schedule: Optional[FlowSchedule] = None) -> None:
+                   schedule: Optional[FlowSchedule] = None, call: Optional[Mapping[str, Any]] = None) -> None:
+  """tdm_student.json; `call`: arguments every stock call of the folder must pass (e.g. a T5 length)."""
   info = {"step_counts": [int(k) for k in step_counts], "total_steps": int(total_steps)}
+  if call:
+    info["call"] = dict(call)
   if schedule is not None and schedule.continuous:
     info.update(timesteps={str(k): [float(t) for t in tdm.student_timesteps(total_steps, k, schedule)]
                            for k in step_counts},
@@ -155,10 +158,13 @@ def _metadata(folder: str) -> dict:
 
 
 def stock_call_extra(folder: str, num_steps: int) -> dict:
-  """What a stock call of exported student `folder` passes beyond its family's arguments: a flow student's
-  `sigmas` for K = num_steps; nothing for a discrete one."""
-  sigmas = _metadata(folder).get("sigmas")
-  return {"sigmas": list(sigmas[str(int(num_steps))])} if sigmas else {}
+  """What a stock call of exported student `folder` passes beyond its family's arguments: the recorded
+  `call` ones (a T5 length the student was trained at), and a flow student's `sigmas` for K = num_steps."""
+  info = _metadata(folder)
+  out = dict(info.get("call", {}))
+  if info.get("sigmas"):
+    out["sigmas"] = list(info["sigmas"][str(int(num_steps))])
+  return out
 
 
 def check_folder(folder: str, num_steps: int) -> None:

@@ -73,6 +73,12 @@ def resolution(config, d: PipelineDescription) -> int:
   return pixels
 
 
+def run_family(config, d: PipelineDescription) -> prompts.PipelineFamily:
+  """The pipeline's prompt family with this run's T5 length (`model.max_sequence_length`; 0: the family's)."""
+  n = int(config.model.max_sequence_length)
+  return d.family.with_max_length(n) if n else d.family
+
+
 def teacher_schedule(config, d: PipelineDescription, pixels: int):
   """The schedule the student trains and samples on: the folder's scheduler (a FlowSchedule for flow
   matching, its dynamic shift fixed by the latent's patches at `pixels`) with `tdm.student_shift`."""
@@ -90,7 +96,7 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
   del progress  # conversion has no progress bar
   files, converted = weights.pipeline_files(config, workdir)
   d = describe(files)
-  backbone, family = d.backbone, d.family
+  backbone, family = d.backbone, run_family(config, d)
   lora_cfg = lora_config(config, d)
   choices = tuple(config.tdm.step_choices)
   dtype = jnp.dtype(config.model.dtype)

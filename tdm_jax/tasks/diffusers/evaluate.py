@@ -77,7 +77,8 @@ def _renderer(config, workdir: str, task: Task, prompt_list, key) -> _Renderer:
   d = describe(os.path.join(out, "pipeline"))
   trees = pipeline_io.load_converted(out)
   resolution = task.sample_shape[-1] * d.vae_scale_factor
-  cond, uncond = prompts.PromptEncoder.from_description(d, trees, (resolution, resolution))(prompt_list)
+  cond, uncond = prompts.PromptEncoder.from_description(d, trees, (resolution, resolution),
+                                                        max_length=config.model.max_sequence_length or None)(prompt_list)
   z = jax.random.normal(key, (len(prompt_list),) + tuple(task.sample_shape))
   decode = jax.jit(AutoencoderKL(d.vae_config()).images_from_latents)
   jax.block_until_ready(decode(trees["vae"], z))  # compiled here, once, not inside any sampler's timing

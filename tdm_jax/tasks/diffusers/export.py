@@ -24,7 +24,7 @@ from tdm_jax.convert import student as student_io
 from tdm_jax.core import lora, tdm
 from tdm_jax.infra.errors import ConfigError
 from tdm_jax.tasks.diffusers import weights
-from tdm_jax.tasks.diffusers.build import lora_config, resolution, teacher_schedule
+from tdm_jax.tasks.diffusers.build import lora_config, resolution, run_family, teacher_schedule
 from tdm_jax.tasks.diffusers.description import describe
 
 
@@ -68,6 +68,9 @@ def export(config, workdir: str, student_params) -> str:
   if bad:
     logging.warning("tdm.total_steps=%d: a stock Diffusers scheduler cannot give the student's timesteps at %s "
                     "steps; the exported pipeline samples right only with our sampler", total_steps, bad)
+  # What the stock call passes beyond the family's constant arguments: a changed T5 length.
+  family = run_family(config, d)
+  call = {k: v for k, v in family.stock_call if k not in dict(d.family.stock_call)}
   first = None
   for k in counts:
     params, config_k = student, d.denoiser_config_dict
@@ -80,6 +83,6 @@ def export(config, workdir: str, student_params) -> str:
     pipeline_io.export_pipeline(files, {d.denoiser: params} if first else {**trees, d.denoiser: params}, folder,
                                 d.write_component, components=d.model_components,
                                 configs={d.denoiser: config_k, "scheduler": scheduler}, shared_from=first)
-    student_io.write_metadata(folder, total_steps, [k] if unified else counts, flow)
+    student_io.write_metadata(folder, total_steps, [k] if unified else counts, flow, call=call)
     first = first or folder
   return dest
