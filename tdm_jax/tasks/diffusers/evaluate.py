@@ -35,7 +35,8 @@ def _samplers(config, task: Task, student_params, uncond, teacher_steps, student
   constants baked into them (GBs at SDXL size)."""
   cfg = config.tdm
   calls = 1 if cfg.guidance_scale == 1.0 else 2
-  samplers = [(f"teacher, {n} DDIM steps, CFG {cfg.guidance_scale}", "teacher", calls * n, task.teacher_params,
+  move = "Euler" if task.schedule.continuous else "DDIM"  # the same move; its flow name on a flow teacher
+  samplers = [(f"teacher, {n} {move} steps, CFG {cfg.guidance_scale}", "teacher", calls * n, task.teacher_params,
                functools.partial(sample.teacher_sample, task.apply, num_steps=n,
                                  guidance_scale=cfg.guidance_scale, spacing="trailing"), (uncond,))
               for n in teacher_steps]
