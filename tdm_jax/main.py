@@ -40,7 +40,8 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 MODES = ("train", "evaluate", "convert", "export", "sample", "pretrain")
 # config.task -> the module that turns a config into a Task and evaluates a student on it.
 TASKS = {"toy": "tdm_jax.tasks.toy.task", "diffusers": "tdm_jax.tasks.diffusers.task",
-         "shapes_teacher": "tdm_jax.tasks.shapes.teacher", "shapes_pixart_teacher": "tdm_jax.tasks.shapes.pixart_teacher"}
+         "shapes_teacher": "tdm_jax.tasks.shapes.teacher", "shapes_pixart_teacher": "tdm_jax.tasks.shapes.pixart_teacher",
+         "shapes_sd3_teacher": "tdm_jax.tasks.shapes.sd3_teacher"}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                           lock_config=True)
