@@ -280,3 +280,18 @@ def test_student_sampler_walks_the_student_grid():
   got = sample.student_sample(apply, params, SD3, z, cond, num_steps=4, total_steps=800)
   traj = tdm.rollout(apply, params, SD3, z, cond, tdm.student_timesteps(800, 4, SD3))
   np.testing.assert_allclose(np.asarray(got), np.asarray(traj.sample), rtol=1e-6, atol=1e-6)
+
+
+def test_student_shift_is_a_flow_option():
+  cfg = tdm.TDMConfig(student_shift=2.0)
+  own = cfg.student_schedule(SD3)
+  assert own.student_shift == 2.0 and own.shift == 3.0 and own.student_static_shift == 2.0
+  np.testing.assert_allclose(tdm.student_timesteps(800, 2, own), [1000, 1000 * 2 * 0.5 / 1.5], rtol=1e-6)
+  assert tdm.TDMConfig().student_schedule(SD3) is SD3
+  with pytest.raises(ConfigError, match="student_shift=2.0 warps a rectified-flow grid"):
+    cfg.student_schedule(S.make_schedule())
+  # A dynamic teacher's grid exports as the static shift with the same warp: e^mu.
+  dynamic = S.FlowSchedule(mu=0.8)
+  u = np.linspace(0.05, 1.0, 9)
+  k = dynamic.student_static_shift
+  np.testing.assert_allclose(dynamic.student_sigma(u), k * u / (1 + (k - 1) * u), rtol=1e-6)
