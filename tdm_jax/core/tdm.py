@@ -111,8 +111,9 @@ def student_timesteps(total_steps: int, num_steps: int, schedule=None) -> np.nda
   """tau_j = S - 1 - j S / K for j = 0..K-1, highest first (S=800, K=4: 799 599 399 199); on a flow
   schedule tau_j = N shift((K - j) / K) as float32 (shift 3, K=4: 1000 900 750 500), S unused."""
   if _flow(schedule):
-    u = (num_steps - np.arange(num_steps, dtype=np.float64)) / num_steps
-    return np.asarray(schedule.num_train_timesteps * schedule.student_sigma(u), np.float32)
+    # float32 throughout, as `step_grid` computes the same points under jit and a stock scheduler its sigmas
+    u = (np.float32(num_steps) - np.arange(num_steps, dtype=np.float32)) / np.float32(num_steps)
+    return np.asarray(np.float32(schedule.num_train_timesteps) * schedule.student_sigma(u), np.float32)
   return np.array([total_steps - 1 - (j * total_steps) // num_steps for j in range(num_steps)],
                   dtype=np.int32)
 
