@@ -23,6 +23,7 @@ torch = pytest.importorskip("torch")
 import tiny_mmdit  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tiny_sd3  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tdm_jax.convert import lora as lora_io  # pylint: disable=wrong-import-position
+from tdm_jax.convert import mmdit as mmdit_io  # pylint: disable=wrong-import-position
 from tdm_jax.convert.mmdit import (STEP_EMBEDDING, expected_param_shapes, fold_step_embedding,  # pylint: disable=wrong-import-position
                                    mmdit_params_from_state_dict)
 from tdm_jax.core import lora  # pylint: disable=wrong-import-position
@@ -135,7 +136,7 @@ def test_pipeline_loads_lora_and_step_lora(sd3):
 
 
 def test_load_lora_gives_the_adapters_back(sd3):
-  back, back_cfg = lora_io.load_lora(os.path.join(sd3.dest, "lora"), sd3.config_dict, layout=lora_io.MMDIT)
+  back, back_cfg = lora_io.load_lora(os.path.join(sd3.dest, "lora"), sd3.config_dict, layout=mmdit_io.LORA_LAYOUT)
   assert (back_cfg.rank, back_cfg.alpha) == (4, 4.0)  # the scale is folded into b
   items = lora.adapter_items(sd3.adapters)
   assert lora.target_paths(sd3.base, back_cfg) == sorted(items)
@@ -144,7 +145,7 @@ def test_load_lora_gives_the_adapters_back(sd3):
     np.testing.assert_array_equal(b, CFG.scale * items[path][1])  # x 2: exact in float32
   # The step file is no adapter file: its lora_B.bias is named.
   with pytest.raises(lora_io.LoraConversionError, match=r"unrecognised keys: \['transformer\.time_text_embed"):
-    lora_io.load_lora(os.path.join(sd3.dest, f"lora_{K}step"), sd3.config_dict, layout=lora_io.MMDIT)
+    lora_io.load_lora(os.path.join(sd3.dest, f"lora_{K}step"), sd3.config_dict, layout=mmdit_io.LORA_LAYOUT)
   # A UNet-layout reader refuses the file by its prefix.
   with pytest.raises(lora_io.LoraConversionError, match=r"prefix 'unet'"):
     lora_io.load_lora(os.path.join(sd3.dest, "lora"), sd3.config_dict, layout=lora_io.UNET)
@@ -167,4 +168,4 @@ def test_unmatched_target_lists_mmdit_modules(sd3):
   with pytest.raises(lora_io.LoraConversionError, match=r"down_blocks_0/attn1/to_q/kernel: no such parameter in "
                                                         r"the SD3 transformer"):
     lora_io.save_lora(os.path.join(os.path.dirname(sd3.dest), "stray"), stray, CFG, sd3.config_dict,
-                      layout=lora_io.MMDIT)
+                      layout=mmdit_io.LORA_LAYOUT)

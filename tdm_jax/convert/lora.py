@@ -12,8 +12,9 @@ the key prefix (the pipeline's component name) and the family's names and shapes
 - `UNET` (the default of every function here): `unet.` + UNet2DConditionModel names
   (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`, `...ff.net.0.proj`), read by
   SD 1.x / 2.x / SDXL pipelines.
-- `MMDIT`: `transformer.` + SD3Transformer2DModel names (`transformer_blocks.3.attn.add_k_proj`,
-  `transformer_blocks.0.attn2.to_out.0`), read by `StableDiffusion3Pipeline` (SD3, SD3.5).
+- a transformer family's own, beside its converter (`convert/mmdit.LORA_LAYOUT`: `transformer.` +
+  SD3Transformer2DModel names such as `transformer_blocks.3.attn.add_k_proj`, read by
+  `StableDiffusion3Pipeline`), so that a new family adds its layout without editing this module.
 
 The alpha / r scale is folded into lora_B, so the file means W + lora_B @ lora_A under any loader:
 Diffusers takes alpha == r (scale 1) when a file carries no alphas. Reading a file back gives
@@ -46,7 +47,6 @@ import flax
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from tdm_jax.convert import mmdit as mmdit_io
 from tdm_jax.convert import unet as unet_io
 from tdm_jax.convert.unet import diffusers_name, our_path, expected_param_shapes
 from tdm_jax.core import lora
@@ -91,13 +91,6 @@ class LoraLayout:
 UNET = LoraLayout(prefix="unet", model="UNet", expected_param_shapes=unet_io.expected_param_shapes,
                   diffusers_name=unet_io.diffusers_name, our_path=unet_io.our_path,
                   step_module=("time_embedding", "linear_2"))  # where Diffusers adds the class embedding
-# The MMDiT converter names parameters (leaf included: `weight` <-> `kernel` / `scale`); strip the leaf.
-MMDIT = LoraLayout(prefix="transformer", model="SD3 transformer",
-                   expected_param_shapes=mmdit_io.expected_param_shapes,
-                   diffusers_name=lambda module: mmdit_io.diffusers_name(module + ("kernel",))[:-len(".weight")],
-                   our_path=lambda name: mmdit_io.our_path(name + ".weight")[:-1],
-                   step_module=mmdit_io.STEP_BIAS[:-1])  # where our model adds the step row
-
 ConfigLike = Any  # a family's config object (UNetConfig, MMDiTConfig) or its config.json dict
 
 
@@ -186,7 +179,7 @@ def save_lora(path: str, adapters, lora_cfg: lora.LoraConfig, config: ConfigLike
 
   `path` is a `.safetensors` file, or a folder that receives `pytorch_lora_weights.safetensors`.
   Load with `pipeline.load_lora_weights(path)`, or `unet.load_lora_adapter(path, prefix="unet")`
-  (`transformer.load_lora_adapter(path, prefix="transformer")` with layout=MMDIT).
+  (`transformer.load_lora_adapter(path, prefix="transformer")` with its family's layout, e.g. convert/mmdit.LORA_LAYOUT).
   """
   tensors = lora_state_dict_from_adapters(adapters, lora_cfg, config, dtype=dtype, layout=layout)
   return _write(path, tensors, {"format": "pt"})

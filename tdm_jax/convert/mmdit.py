@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tdm_jax.convert import lora as lora_io
 from tdm_jax.convert import names
 from tdm_jax.convert.errors import ConversionError, check_conversion, check_params_match
 from tdm_jax.models.mmdit import MMDiTConfig, SD3Transformer2DModel, axis_embedding, cropped_pos_embed
@@ -202,3 +203,16 @@ def fold_step_embedding(params: Mapping[str, Any], config: ConfigLike, num_steps
   else:
     folded = {k: v for k, v in config.items() if k != "num_step_embeds"}
   return flax.traverse_util.unflatten_dict(flat), folded
+
+
+def _lora_module(path: Tuple[str, ...]) -> str:
+  """Our Dense module path -> its Diffusers module name (the converter names parameters, leaf included)."""
+  return diffusers_name(path + ("kernel",))[:-len(".weight")]
+
+
+# How Diffusers (PEFT) LoRA files name this family's adapters: `transformer.<module>.lora_A/B.weight`, the
+# step row of a unified student on the timestep embedder's linear_2 (where our model adds it).
+LORA_LAYOUT = lora_io.LoraLayout(prefix="transformer", model="SD3 transformer",
+                                 expected_param_shapes=expected_param_shapes, diffusers_name=_lora_module,
+                                 our_path=lambda name: our_path(name + ".weight")[:-1],
+                                 step_module=STEP_BIAS[:-1])

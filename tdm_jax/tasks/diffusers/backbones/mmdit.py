@@ -56,13 +56,13 @@ def write_lora(dest: str, pairs, full, lora_cfg: lora.LoraConfig, config_dict, s
   them there); for SD3 no consumer needs them: Diffusers reads this PEFT file, and ComfyUI maps
   Diffusers' `transformer.<module>` names of SD3 LoRAs itself (comfy/lora.py, `model_lora_keys_unet`).
   """
-  lora_io.save_lora(os.path.join(dest, "lora"), pairs, lora_cfg, config_dict, layout=lora_io.MMDIT)
+  lora_io.save_lora(os.path.join(dest, "lora"), pairs, lora_cfg, config_dict, layout=mmdit_io.LORA_LAYOUT)
   if unified:
     table = np.asarray(full[(mmdit_io.STEP_EMBEDDING, "embedding")], np.float32)
     for k in step_counts:
       if not 0 <= k < table.shape[0]:
         raise ConversionError(f"the student's step table has rows 0..{table.shape[0] - 1}; cannot write K={k}")
-      lora_io.save_step_lora(os.path.join(dest, f"lora_{k}step"), table[k], config_dict, layout=lora_io.MMDIT)
+      lora_io.save_step_lora(os.path.join(dest, f"lora_{k}step"), table[k], config_dict, layout=mmdit_io.LORA_LAYOUT)
 
 
 BACKBONE = Backbone(
