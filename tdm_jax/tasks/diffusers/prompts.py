@@ -142,6 +142,10 @@ class PipelineFamily:
   stock_load: tuple = ()  # (key, value) pairs for DiffusionPipeline.from_pretrained
   stock_call: tuple = ()  # (key, value) pairs for the stock call of an exported student
 
+  def condition(self, outputs: Sequence[dict], tokens: list, batch: int, image_size) -> dict:
+    """The denoiser's cond from the encoders' outputs (pipeline order) and their tokens: pure, jittable."""
+    return self.encode(self, outputs, tokens, batch, tuple(image_size))
+
   def unconditional(self, cond: dict) -> dict:
     """The negative branch of pipelines with `force_zeros_for_empty_prompt`: zero embeddings."""
     return {k: (v if k in self.kept_in_zeros else jnp.zeros_like(v)) for k, v in cond.items()}
@@ -252,7 +256,7 @@ def encode(family: PipelineFamily, encoders: Sequence[TextEncoder], params: Sequ
   for t in tokens:
     t.setdefault("mask", jnp.ones_like(t["ids"]))
   outputs = [e.kind.run(e.module, p, t) for e, p, t in zip(encoders, params, tokens)]
-  return family.encode(family, outputs, tokens, tokens[0]["ids"].shape[0], tuple(image_size))
+  return family.condition(outputs, tokens, tokens[0]["ids"].shape[0], image_size)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -170,8 +170,8 @@ class Denoiser:
   def condition(self, params, ids, mask) -> dict:
     states = self.encoder.apply({"params": params["text_encoder"]}, jnp.asarray(ids), jnp.asarray(mask))
     tokens = [{"ids": jnp.asarray(ids), "mask": jnp.asarray(mask)}]
-    return pipeline_prompts.PIXART_ALPHA.encode([{"last_hidden_state": states}], tokens, ids.shape[0],
-                                                self.image_size)
+    return pipeline_prompts.PIXART_ALPHA.condition([{"last_hidden_state": states}], tokens, ids.shape[0],
+                                                   self.image_size)
 
   @staticmethod
   def _kwargs(cond):
