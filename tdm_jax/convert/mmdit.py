@@ -16,7 +16,6 @@ row into `time_text_embed.timestep_embedder.linear_2`'s bias before export.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import flax
@@ -26,10 +25,11 @@ import numpy as np
 
 from tdm_jax.convert import lora as lora_io
 from tdm_jax.convert import names
+from tdm_jax.convert import step_table
 from tdm_jax.convert.errors import ConversionError, check_conversion, check_params_match
 from tdm_jax.models.mmdit import MMDiTConfig, SD3Transformer2DModel, axis_embedding, cropped_pos_embed
 
-STEP_EMBEDDING = "step_embedding"
+STEP_EMBEDDING = step_table.STEP_EMBEDDING
 STEP_BIAS = ("time_text_embed", "timestep_embedder", "linear_2", "bias")
 POS_TABLE = "pos_embed.pos_embed"  # Diffusers' buffer: checked and written, never a parameter
 _NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")  # RMSNorm modules: `weight` is our `scale`
@@ -183,26 +183,9 @@ def mmdit_state_dict_from_params(params: Mapping[str, Any], config: ConfigLike) 
 
 def fold_step_embedding(params: Mapping[str, Any], config: ConfigLike, num_steps: int):
   """(params, config) of the model with one step count K fixed: row K of `step_embedding` added to
-  `time_text_embed/timestep_embedder/linear_2/bias`, the table and `num_step_embeds` removed.
-
-  The row is added right after that layer, so the folded model computes the same function for K.
-  `config` (the student's, or the teacher's without a table) is returned as it came: a dict without
-  "num_step_embeds", or an MMDiTConfig with None.
-  """
-  flat = dict(flax.traverse_util.flatten_dict(flax.core.meta.unbox(flax.core.unfreeze(params))))
-  table = flat.pop((STEP_EMBEDDING, "embedding"), None)
-  if table is None:
-    raise ConversionError("fold_step_embedding: params have no step_embedding/embedding table")
-  if not 0 <= num_steps < np.shape(table)[0]:
-    raise ConversionError(f"fold_step_embedding: num_steps={num_steps} is not a row of the "
-                          f"{np.shape(table)[0]}-row step table")
-  bias = flat[STEP_BIAS]
-  flat[STEP_BIAS] = (jnp.asarray(bias, jnp.float32) + jnp.asarray(table[num_steps], jnp.float32)).astype(bias.dtype)
-  if isinstance(config, MMDiTConfig):
-    folded = dataclasses.replace(config, num_step_embeds=None)
-  else:
-    folded = {k: v for k, v in config.items() if k != "num_step_embeds"}
-  return flax.traverse_util.unflatten_dict(flat), folded
+  `time_text_embed/timestep_embedder/linear_2/bias`
+  (`convert/step_table.py`), the table and `num_step_embeds` removed."""
+  return step_table.fold_into_bias(params, config, num_steps, STEP_BIAS)
 
 
 def _lora_module(path: Tuple[str, ...]) -> str:

@@ -11,7 +11,6 @@ table (`step_embedding`) has no Diffusers counterpart: `fold_step_embedding` fol
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Dict, Mapping, Tuple, Union
 
 import flax
@@ -20,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from tdm_jax.convert import names
+from tdm_jax.convert import step_table
 from tdm_jax.convert.errors import ConversionError, check_conversion, check_params_match
 from tdm_jax.models.pixart import PixArtConfig, PixArtTransformer2DModel
 
-STEP_EMBEDDING = "step_embedding"
+STEP_EMBEDDING = step_table.STEP_EMBEDDING
 STEP_BIAS = ("adaln_single", "emb", "timestep_embedder", "linear_2", "bias")
 _LIST_RE = names.list_pattern(("transformer_blocks", "to_out", "net"))
 _RENAMED = {"kernel": "weight"}  # our leaf -> Diffusers' (others keep their names)
@@ -125,23 +125,6 @@ def pixart_state_dict_from_params(params: Mapping[str, Any], config: ConfigLike)
 
 def fold_step_embedding(params: Mapping[str, Any], config: ConfigLike, num_steps: int):
   """(params, config) of the model with one step count K fixed: row K of `step_embedding` added to
-  `adaln_single/emb/timestep_embedder/linear_2/bias`, the table and `num_step_embeds` removed.
-
-  The row is added right after that layer, so the folded model computes the same function for K.
-  `config` (the student's, or the teacher's without a table) is returned as it came: a dict without
-  "num_step_embeds", or a PixArtConfig with None.
-  """
-  flat = dict(flax.traverse_util.flatten_dict(flax.core.meta.unbox(flax.core.unfreeze(params))))
-  table = flat.pop((STEP_EMBEDDING, "embedding"), None)
-  if table is None:
-    raise ConversionError("fold_step_embedding: params have no step_embedding/embedding table")
-  if not 0 <= num_steps < np.shape(table)[0]:
-    raise ConversionError(f"fold_step_embedding: num_steps={num_steps} is not a row of the "
-                          f"{np.shape(table)[0]}-row step table")
-  bias = flat[STEP_BIAS]
-  flat[STEP_BIAS] = (jnp.asarray(bias, jnp.float32) + jnp.asarray(table[num_steps], jnp.float32)).astype(bias.dtype)
-  if isinstance(config, PixArtConfig):
-    folded = dataclasses.replace(config, num_step_embeds=None)
-  else:
-    folded = {k: v for k, v in config.items() if k != "num_step_embeds"}
-  return flax.traverse_util.unflatten_dict(flat), folded
+  `adaln_single/emb/timestep_embedder/linear_2/bias`
+  (`convert/step_table.py`), the table and `num_step_embeds` removed."""
+  return step_table.fold_into_bias(params, config, num_steps, STEP_BIAS)
