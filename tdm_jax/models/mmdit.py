@@ -30,7 +30,7 @@ from tdm_jax.infra.errors import ConfigError
 from tdm_jax.models import layers
 from tdm_jax.models.attention import attention
 from tdm_jax.models.blocks import dense as _dense
-from tdm_jax.models.pixart import FeedForward, sincos_pos_embed
+from tdm_jax.models.dit_blocks import FeedForward, sincos_1d, sincos_pos_embed
 from tdm_jax.models.remat import rematerialised
 from tdm_jax.models.unet import TimestepEmbedding, timestep_embedding
 
@@ -119,20 +119,13 @@ class MMDiTConfig:
     return self.sample_size // self.patch_size
 
 
-def _one_d(dim: int, pos: np.ndarray) -> np.ndarray:
-  """Diffusers' `get_1d_sincos_pos_embed_from_grid`: float64 (len(pos), dim), sines then cosines."""
-  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-  out = np.outer(pos.astype(np.float64), omega)
-  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-
 def axis_embedding(embed_dim: int, max_size: int, base_size: int) -> np.ndarray:
   """(max_size, embed_dim // 2) float64: one axis's half of Diffusers' (max_size^2, embed_dim) sin-cos
   table, whose entry for (row r, column c) is concat(axis[c], axis[r]) (the first half encodes the
   column; the grid is square, so both axes share this array). Positions in float32, as Diffusers
   makes them."""
   pos = np.arange(max_size, dtype=np.float32) / np.float32(max_size / base_size) / np.float32(INTERPOLATION_SCALE)
-  return _one_d(embed_dim // 2, pos)
+  return sincos_1d(embed_dim // 2, pos)
 
 
 def cropped_pos_embed(embed_dim: int, max_size: int, base_size: int, grid_h: int, grid_w: int) -> np.ndarray:

@@ -16,13 +16,13 @@ from typing import Any, Mapping, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 
 from tdm_jax.infra.errors import ConfigError
 from tdm_jax.models import layers
 from tdm_jax.models.attention import attention
 from tdm_jax.models.blocks import dense as _dense
+from tdm_jax.models.dit_blocks import FeedForward, sincos_pos_embed
 from tdm_jax.models.remat import rematerialised
 from tdm_jax.models.unet import TimestepEmbedding, timestep_embedding
 
@@ -125,27 +125,6 @@ class PixArtConfig:
   @property
   def inner_dim(self) -> int:
     return self.num_attention_heads * self.attention_head_dim
-
-
-def sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int, base_size: int,
-                     interpolation_scale: float) -> np.ndarray:
-  """Diffusers' `get_2d_sincos_pos_embed` for a (grid_h, grid_w) grid: (grid_h * grid_w, embed_dim) float32.
-
-  Positions in float32 as Diffusers makes them, sinusoids in float64, then float32; the first half
-  encodes the column (width) position, the second the row. A numpy constant: float32 sines of
-  positions up to ~64 would be off by ~4e-6.
-  """
-  def positions(n):
-    return np.arange(n, dtype=np.float32) / np.float32(n / base_size) / np.float32(interpolation_scale)
-
-  def one_d(dim, pos):
-    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-    out = np.outer(pos.astype(np.float64), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-  cols = np.broadcast_to(positions(grid_w)[None, :], (grid_h, grid_w)).reshape(-1)
-  rows = np.broadcast_to(positions(grid_h)[:, None], (grid_h, grid_w)).reshape(-1)
-  return np.concatenate([one_d(embed_dim // 2, cols), one_d(embed_dim // 2, rows)], axis=1).astype(np.float32)
 
 
 def _layer_norm(m: nn.Module, eps: float):
@@ -253,29 +232,6 @@ class Attention(nn.Module):
     split = lambda a: a.reshape(a.shape[:2] + (self.heads, self.head_dim))
     out = attention(split(q), split(k), split(v), mask=mask, implementation=self.implementation)
     return _dense(self, x.shape[-1], ("heads", "embed"), "to_out_0")(out.reshape(out.shape[:2] + (inner,)))
-
-
-class GELU(nn.Module):
-  """Diffusers' GELU activation module: `proj`, then tanh-approximate GELU."""
-  features: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    return nn.gelu(_dense(self, self.features, ("embed", "mlp"), "proj")(x), approximate=True)
-
-
-class FeedForward(nn.Module):
-  """net_0 (GELU tanh to 4 * dim), net_2 back to dim."""
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    dim = x.shape[-1]
-    h = GELU(4 * dim, dtype=self.dtype, param_dtype=self.param_dtype, name="net_0")(x)
-    return _dense(self, dim, ("mlp", "embed"), "net_2")(h)
 
 
 class PixArtBlock(nn.Module):
