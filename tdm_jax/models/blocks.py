@@ -1,4 +1,4 @@
-"""The resnet, attention and upsampling blocks that the UNet and the VAE share.
+"""The resnet, attention, upsampling and feed-forward blocks that the UNet, the VAE and the DiTs share.
 
 Diffusers builds both models from the same ResnetBlock2D, Attention and Upsample2D; so do we,
 with the same parameter names (norm1/conv1/time_emb_proj/norm2/conv2/conv_shortcut,
@@ -101,3 +101,45 @@ class Upsample2D(nn.Module):
   def __call__(self, x):
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     return conv(self, self.channels, "conv")(x)
+
+
+class GEGLU(nn.Module):
+  """proj to 2*inner, split into (hidden, gate), hidden * gelu(gate) (exact gelu)."""
+  inner: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = dense(self, 2 * self.inner, ("embed", "mlp"), "proj")(x)
+    hidden, gate = jnp.split(h, 2, axis=-1)
+    return hidden * nn.gelu(gate, approximate=False)
+
+
+class GELU(nn.Module):
+  """Diffusers' GELU activation module: `proj`, then tanh-approximate GELU."""
+  inner: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.gelu(dense(self, self.inner, ("embed", "mlp"), "proj")(x), approximate=True)
+
+
+FEED_FORWARD_ACTIVATIONS = {"geglu": GEGLU, "gelu-approximate": GELU}
+
+
+class FeedForward(nn.Module):
+  """Diffusers' FeedForward: net_0 (the activation module, to 4 * dim), net_2 back to dim. "geglu" in the
+  UNets' transformer blocks, "gelu-approximate" in PixArt's and SD3's."""
+  activation: str = "geglu"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dim = x.shape[-1]
+    act = FEED_FORWARD_ACTIVATIONS[self.activation]
+    h = act(4 * dim, dtype=self.dtype, param_dtype=self.param_dtype, name="net_0")(x)
+    return dense(self, dim, ("mlp", "embed"), "net_2")(h)

@@ -1,16 +1,9 @@
-"""The pieces Diffusers' DiTs share (PixArt, SD3's MMDiT): the 2-D sin-cos position table and the
-GELU-tanh feed-forward, with Diffusers' parameter names (`net_0/proj`, `net_2`) so that every
-transformer family's converter maps them by the same rule."""
+"""The 2-D sin-cos position table Diffusers' DiTs share (PixArt, SD3's MMDiT), as Diffusers computes it.
+(Their GELU-tanh feed-forward is `blocks.FeedForward(activation="gelu-approximate")`.)"""
 
 from __future__ import annotations
 
-from typing import Any
-
-import flax.linen as nn
-import jax.numpy as jnp
 import numpy as np
-
-from tdm_jax.models.blocks import dense as _dense
 
 
 def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
@@ -35,26 +28,3 @@ def sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int, base_size: int,
   rows = np.broadcast_to(positions(grid_h)[:, None], (grid_h, grid_w)).reshape(-1)
   return np.concatenate([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)],
                         axis=1).astype(np.float32)
-
-
-class GELU(nn.Module):
-  """Diffusers' GELU activation module: `proj`, then tanh-approximate GELU."""
-  features: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    return nn.gelu(_dense(self, self.features, ("embed", "mlp"), "proj")(x), approximate=True)
-
-
-class FeedForward(nn.Module):
-  """net_0 (GELU tanh to 4 * dim), net_2 back to dim."""
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    dim = x.shape[-1]
-    h = GELU(4 * dim, dtype=self.dtype, param_dtype=self.param_dtype, name="net_0")(x)
-    return _dense(self, dim, ("mlp", "embed"), "net_2")(h)

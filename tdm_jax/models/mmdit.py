@@ -30,7 +30,8 @@ from tdm_jax.infra.errors import ConfigError
 from tdm_jax.models import layers
 from tdm_jax.models.attention import attention
 from tdm_jax.models.blocks import dense as _dense
-from tdm_jax.models.dit_blocks import FeedForward, sincos_1d, sincos_pos_embed
+from tdm_jax.models.blocks import FeedForward
+from tdm_jax.models.dit_blocks import sincos_1d, sincos_pos_embed
 from tdm_jax.models.remat import rematerialised
 from tdm_jax.models.unet import TimestepEmbedding, timestep_embedding
 
@@ -332,13 +333,13 @@ class JointTransformerBlock(nn.Module):
       shift_msa2, scale_msa2, gate_msa2 = mod[6:]
       x = x + gate_msa2 * JointAttention(**attn_kw, name="attn2")(normed * (1 + scale_msa2) + shift_msa2)
     h = _layer_norm(self)(x) * (1 + scale_mlp) + shift_mlp
-    x = x + gate_mlp * FeedForward(**kw, name="ff")(h)
+    x = x + gate_mlp * FeedForward("gelu-approximate", **kw, name="ff")(h)
     if self.context_pre_only:
       return x
 
     context = context + c_gate_msa * context_out
     c = _layer_norm(self)(context) * (1 + c_scale_mlp) + c_shift_mlp
-    return x, context + c_gate_mlp * FeedForward(**kw, name="ff_context")(c)
+    return x, context + c_gate_mlp * FeedForward("gelu-approximate", **kw, name="ff_context")(c)
 
 
 class SD3Transformer2DModel(nn.Module):

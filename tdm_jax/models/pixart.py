@@ -22,7 +22,8 @@ from tdm_jax.infra.errors import ConfigError
 from tdm_jax.models import layers
 from tdm_jax.models.attention import attention
 from tdm_jax.models.blocks import dense as _dense
-from tdm_jax.models.dit_blocks import FeedForward, sincos_pos_embed
+from tdm_jax.models.blocks import FeedForward
+from tdm_jax.models.dit_blocks import sincos_pos_embed
 from tdm_jax.models.remat import rematerialised
 from tdm_jax.models.unet import TimestepEmbedding, timestep_embedding
 
@@ -261,7 +262,8 @@ class PixArtBlock(nn.Module):
     mask = None if keep is None else (keep > 0.5)[:, None, None, :]
     x = x + Attention(**kw, cross=True, name="attn2")(x, context, mask)
     h = _layer_norm(self, self.eps)(x) * (1 + scale_mlp) + shift_mlp
-    return x + gate_mlp * FeedForward(dtype=self.dtype, param_dtype=self.param_dtype, name="ff")(h)
+    return x + gate_mlp * FeedForward("gelu-approximate", dtype=self.dtype, param_dtype=self.param_dtype,
+                                      name="ff")(h)
 
 
 def _per_row(value, batch, width, what):

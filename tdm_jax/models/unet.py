@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from tdm_jax.infra.errors import ConfigError
 from tdm_jax.models import layers
-from tdm_jax.models.blocks import Attention, ResnetBlock2D, Upsample2D
+from tdm_jax.models.blocks import Attention, FeedForward, ResnetBlock2D, Upsample2D
 from tdm_jax.models.blocks import conv as _conv, dense as _dense, group_norm as _group_norm
 from tdm_jax.models.remat import rematerialised
 
@@ -204,30 +204,6 @@ class TimestepEmbedding(nn.Module):
           jnp.asarray(condition).astype(self.dtype))
     x = _dense(self, self.features, ("embed", "mlp"), "linear_1")(x)
     return _dense(self, self.features, ("mlp", "embed"), "linear_2")(nn.silu(x))
-
-
-class GEGLU(nn.Module):
-  """proj to 2*inner, split into (hidden, gate), hidden * gelu(gate) (exact gelu)."""
-  inner: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    h = _dense(self, 2 * self.inner, ("embed", "mlp"), "proj")(x)
-    hidden, gate = jnp.split(h, 2, axis=-1)
-    return hidden * nn.gelu(gate, approximate=False)
-
-
-class FeedForward(nn.Module):
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    dim = x.shape[-1]
-    h = GEGLU(4 * dim, dtype=self.dtype, param_dtype=self.param_dtype, name="net_0")(x)
-    return _dense(self, dim, ("mlp", "embed"), "net_2")(h)
 
 
 class BasicTransformerBlock(nn.Module):
