@@ -8,15 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from shipped_pipelines import assert_our_images_match
 from tdm_jax.convert import folders
-from tdm_jax.core import sample
-from tdm_jax.core.schedules import from_diffusers_config
 from tdm_jax.infra import data
-from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
-from tdm_jax.models.vae import AutoencoderKL, VAEConfig
 from tdm_jax.tasks.diffusers import text_encoders
-from tdm_jax.tasks.diffusers.backbones.unet import unet_apply
-from tdm_jax.tasks.diffusers.weights import convert_pipeline, load_prompt_encoder
 from tdm_jax.tasks.shapes import data as shapes_data
 from tdm_jax.tasks.shapes import evaluator
 from tdm_jax.tasks.shapes import teacher as shapes_teacher
@@ -55,21 +50,11 @@ def test_diffusers_pipeline_makes_the_images_our_sampler_makes(scheduler):
   theirs = pipe(PROMPTS, latents=torch.from_numpy(z.copy()), num_inference_steps=steps, guidance_scale=guidance,
                 output_type="np").images
 
-  trees = convert_pipeline(PIPELINE)
-  cond, uncond = load_prompt_encoder(PIPELINE)(PROMPTS)
-  model = UNet2DConditionModel(UNetConfig.from_dict(folders.read_config(folders.component_path(PIPELINE, "unet"))))
-  schedule = from_diffusers_config(scheduler_config)
   solver = "ddim" if scheduler == "DDIMScheduler" else "dpm_solver_2m"
   # The shipped config says set_alpha_to_one=false: Diffusers' DDIM ends on timestep 0, not on x0.
   final = 0 if solver == "ddim" else -1
-  latents = sample.teacher_sample(unet_apply(model), trees["unet"], schedule, z, cond, uncond, num_steps=steps,
-                                  guidance_scale=guidance, solver=solver, spacing="leading", steps_offset=1,
-                                  final_timestep=final)
-  vae = AutoencoderKL(VAEConfig.from_dict(folders.read_config(folders.component_path(PIPELINE, "vae"))))
-  ours = np.clip(np.asarray(vae.images_from_latents(trees["vae"], latents)).transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
-  assert ours.shape == theirs.shape == (2, 32, 32, 3)
-  np.testing.assert_allclose(ours, theirs, atol=2e-3)
-  assert np.abs(theirs[0] - theirs[1]).mean() > 0.05  # the prompts make different images
+  assert_our_images_match(PIPELINE, theirs, PROMPTS, z, scheduler_config, num_steps=steps, guidance_scale=guidance,
+                          solver=solver, spacing="leading", steps_offset=1, final_timestep=final)
 
 
 def test_shipped_evaluator_is_honest():

@@ -8,13 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from tdm_jax.convert import folders
-from tdm_jax.core import sample
-from tdm_jax.core.schedules import from_diffusers_config
+from shipped_pipelines import assert_our_images_match
 from tdm_jax.infra import data
-from tdm_jax.models.vae import AutoencoderKL
 from tdm_jax.tasks.diffusers.description import describe
-from tdm_jax.tasks.diffusers.weights import convert_pipeline, load_prompt_encoder
 from tdm_jax.tasks.shapes import pixart_teacher
 from tdm_jax.tasks.shapes import teacher as shapes_teacher
 
@@ -51,19 +47,9 @@ def test_diffusers_pixart_pipeline_makes_the_images_our_sampler_makes(scheduler)
   theirs = pipe(PROMPTS, latents=torch.from_numpy(z.copy()), num_inference_steps=steps, guidance_scale=guidance,
                 use_resolution_binning=False, clean_caption=False, output_type="np").images
 
-  d = describe(PIPELINE)
-  trees = convert_pipeline(PIPELINE)
-  cond, uncond = load_prompt_encoder(PIPELINE)(PROMPTS)
-  model = d.backbone.module(d.denoiser_config)
   solver = "ddim" if scheduler == "DDIMScheduler" else "dpm_solver_2m"
-  latents = sample.teacher_sample(d.backbone.apply_fn(model), trees["transformer"], from_diffusers_config(scheduler_config),
-                                  z, cond, uncond, num_steps=steps, guidance_scale=guidance, solver=solver,
-                                  spacing="trailing")
-  ours = np.clip(np.asarray(AutoencoderKL(d.vae_config()).images_from_latents(trees["vae"], latents))
-                 .transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
-  assert ours.shape == theirs.shape == (2, 32, 32, 3)
-  np.testing.assert_allclose(ours, theirs, atol=2e-3)
-  assert np.abs(theirs[0] - theirs[1]).mean() > 0.05  # the prompts make different images
+  assert_our_images_match(PIPELINE, theirs, PROMPTS, z, scheduler_config, num_steps=steps, guidance_scale=guidance,
+                          solver=solver, spacing="trailing")
 
 
 def test_readme_names_the_second_main_command():

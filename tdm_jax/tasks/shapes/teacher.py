@@ -33,6 +33,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from tdm_jax import default_config
 from tdm_jax.convert import folders
 from tdm_jax.convert.pipeline import export_pipeline
 from tdm_jax.core import pretrain, rng
@@ -53,6 +54,22 @@ SHIPPED_PIPELINE = os.path.join(ASSETS, "pipeline")
 SHIPPED_EVALUATOR = os.path.join(ASSETS, "evaluator")
 SHIPPED_TRAIN_PROMPTS = os.path.join(ASSETS, "prompts_train.txt")
 SHIPPED_EVAL_PROMPTS = os.path.join(ASSETS, "prompts_eval.txt")
+
+
+def distillation_config(pipeline: str):
+  """What every shapes main command shares (configs/shapes*.py set their rates, length and the rest):
+  float32 full-copy student and fake score distilled from the shipped `pipeline` on the shipped training
+  captions, CFG 4, one unified student for 1, 2 and 4 steps, batch 32, checkpoints every 100 iterations,
+  scored on the shapes benchmark."""
+  config = default_config.diffusers_config(dtype="float32", teacher_dtype="float32", remat=False)
+  config.teacher.pipeline = pipeline
+  config.data.prompt_source = SHIPPED_TRAIN_PROMPTS
+  config.tdm.guidance_scale = 4.0
+  config.tdm.step_choices = (1, 2, 4)
+  config.train.batch_size = 32
+  config.train.checkpoint_every = 100
+  use_shapes_benchmark(config.eval)
+  return config
 
 
 def use_shapes_benchmark(eval_config) -> None:
