@@ -43,7 +43,8 @@ setup(
     # The shipped shapes teachers (SDXL-style and PixArt-style Diffusers folders), the evaluator and prompt files.
     package_data={"tdm_jax": ["assets/shapes/*.txt", "assets/shapes/evaluator/*", "assets/shapes/pipeline/*.json",
                               "assets/shapes/pipeline/*/*", "assets/shapes_pixart/pipeline/*.json",
-                              "assets/shapes_pixart/pipeline/*/*"]},
+                              "assets/shapes_pixart/pipeline/*/*", "assets/shapes_sd3/pipeline/*.json",
+                              "assets/shapes_sd3/pipeline/*/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["tdm_jax=tdm_jax.main:entry_point"]},

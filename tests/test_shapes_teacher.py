@@ -146,3 +146,32 @@ def test_pixart_pretrain_mode_makes_a_pixart_folder(tmp_path):
   logged = open(os.path.join(workdir, "denoiser", "metrics.jsonl")).read()
   assert tdm_main.run(config, workdir, "pretrain") == out  # finished stages are not trained again
   assert open(os.path.join(workdir, "denoiser", "metrics.jsonl")).read() == logged
+
+
+def test_sd3_pretrain_mode_makes_an_sd3_folder(tmp_path):
+  """The flow-matching teacher's config, tiny and short, through the CLI entry: a StableDiffusion3Pipeline
+  folder on the other teachers' frozen encoders (the first CLIP given an identity projection) and VAE
+  (shift_factor 0); then it resumes without training again."""
+  from configs import shapes_sd3_teacher as teacher_config  # pylint: disable=g-import-not-at-top
+  config = teacher_config.get_config()
+  config.transformer.num_iterations = 2
+  config.transformer.batch_size = 2
+  config.transformer.num_layers = 1
+  config.transformer.num_attention_heads = 2
+  config.transformer.attention_head_dim = 8
+  config.train.progress = False
+  workdir = str(tmp_path / "sd3_teacher")
+  out = tdm_main.run(config, workdir, "pretrain")
+  assert out == os.path.join(workdir, "pipeline")
+  assert folders.read_model_index(out)["_class_name"] == "StableDiffusion3Pipeline"
+  transformer = folders.read_config(folders.component_path(out, "transformer"))
+  assert (transformer["num_layers"], transformer["caption_projection_dim"], transformer["qk_norm"]) == (1, 16, "rms_norm")
+  assert folders.read_config(folders.component_path(out, "vae"))["shift_factor"] == 0.0
+  clip = folders.load_state_dict(folders.component_path(out, "text_encoder"))
+  np.testing.assert_array_equal(clip["text_projection.weight"], np.eye(clip["text_projection.weight"].shape[0]))
+  shipped_clip = folders.load_state_dict(folders.component_path(shapes_teacher.SHIPPED_PIPELINE, "text_encoder"))
+  for name, value in shipped_clip.items():  # frozen: the shipped encoder's weights, unchanged
+    np.testing.assert_array_equal(clip[name], value, err_msg=name)
+  logged = open(os.path.join(workdir, "denoiser", "metrics.jsonl")).read()
+  assert tdm_main.run(config, workdir, "pretrain") == out  # finished stages are not trained again
+  assert open(os.path.join(workdir, "denoiser", "metrics.jsonl")).read() == logged
