@@ -40,7 +40,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["tdm_jax", "tdm_jax.*"]),
-    # The shipped shapes teachers (SDXL-style and PixArt-style Diffusers folders), the evaluator and prompt files.
+    # The shipped shapes teachers (SDXL-, PixArt- and SD3-style Diffusers folders), the evaluator and prompt files.
     package_data={"tdm_jax": ["assets/shapes/*.txt", "assets/shapes/evaluator/*", "assets/shapes/pipeline/*.json",
                               "assets/shapes/pipeline/*/*", "assets/shapes_pixart/pipeline/*.json",
                               "assets/shapes_pixart/pipeline/*/*", "assets/shapes_sd3/pipeline/*.json",

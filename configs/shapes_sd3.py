@@ -6,9 +6,10 @@ converts the small StableDiffusion3Pipeline folder in tdm_jax/assets/shapes_sd3/
 the CLIP pair and T5: the path configs/sd35_medium.py takes), distils ONE student for 1, 2 and 4 steps
 with unified TDM on the flow grid (the student's sigmas unshifted, (K - j) / K: times 1000 / 750 / 500 /
 250 for K = 4, while the teacher samples with shift 3; full-copy student and fake score), exports it as
-WORKDIR/export/pipeline_{K}step (a stock `StableDiffusion3Pipeline` call with guidance_scale=1.0, the student's sigmas and max_sequence_length=32
-samples it; README) and writes the evaluation table and grids to WORKDIR/eval, scored as
-configs/shapes.py's are (the same evaluator and held-out captions), the teacher at SD3's 28 steps.
+WORKDIR/export/pipeline_{K}step (a stock `StableDiffusion3Pipeline` call with guidance_scale=1.0, the
+student's sigmas and max_sequence_length=32 samples it; README) and writes the evaluation table and grids
+to WORKDIR/eval, scored as configs/shapes.py's are (the same evaluator and held-out captions), the teacher
+at SD3's 28 steps.
 configs/shapes_sd3_teacher.py remakes the teacher itself.
 """
 
