@@ -120,58 +120,57 @@ def test_min_snr_loss_is_the_x0_error_weighted_by_clipped_snr(prediction_type):
                              plain, rtol=1e-6)
 
 
-def test_pixart_pretrain_mode_makes_a_pixart_folder(tmp_path):
-  """The transformer teacher's config, tiny and short (min-SNR weighting on), through the CLI entry:
-  a PixArtAlphaPipeline folder whose transformer started from PixArt-alpha's init; then it resumes."""
-  from configs import shapes_pixart_teacher as teacher_config  # pylint: disable=g-import-not-at-top
-  config = teacher_config.get_config()
+def _tiny_transformer_teacher(config, workdir: str, check) -> None:
+  """Runs a transformer teacher's config through the CLI entry with a 1-block, width-16 transformer for
+  2 iterations at batch 2, calls `check(pipeline_folder)`, then runs it again: it resumes and trains nothing."""
   config.transformer.num_iterations = 2
   config.transformer.batch_size = 2
   config.transformer.num_layers = 1
   config.transformer.num_attention_heads = 2
   config.transformer.attention_head_dim = 8
+  config.train.progress = False
+  out = tdm_main.run(config, workdir, "pretrain")
+  assert out == os.path.join(workdir, "pipeline")
+  check(out)
+  logged = open(os.path.join(workdir, "denoiser", "metrics.jsonl")).read()
+  assert tdm_main.run(config, workdir, "pretrain") == out  # finished stages are not trained again
+  assert open(os.path.join(workdir, "denoiser", "metrics.jsonl")).read() == logged
+
+
+def test_pixart_pretrain_mode_makes_a_pixart_folder(tmp_path):
+  """The transformer teacher's config, tiny and short (min-SNR weighting on): a PixArtAlphaPipeline folder
+  whose transformer started from PixArt-alpha's init."""
+  from configs import shapes_pixart_teacher as teacher_config  # pylint: disable=g-import-not-at-top
+  config = teacher_config.get_config()
   config.transformer.min_snr_gamma = 5.0
   config.text.num_layers = 1
   config.text.tokenizer_captions = 2000
-  config.train.progress = False
-  workdir = str(tmp_path / "pixart_teacher")
-  out = tdm_main.run(config, workdir, "pretrain")
-  assert out == os.path.join(workdir, "pipeline")
-  assert folders.read_model_index(out)["_class_name"] == "PixArtAlphaPipeline"
-  transformer = folders.read_config(folders.component_path(out, "transformer"))
-  assert (transformer["num_layers"], transformer["attention_head_dim"]) == (1, 8)
-  state = folders.load_state_dict(folders.component_path(out, "transformer"))
-  # Two Adam steps at lr <= 5e-4 / 200 from PixArt-alpha's zero-initialised output projection.
-  assert 0 < np.abs(state["proj_out.weight"]).max() < 1e-4
-  logged = open(os.path.join(workdir, "denoiser", "metrics.jsonl")).read()
-  assert tdm_main.run(config, workdir, "pretrain") == out  # finished stages are not trained again
-  assert open(os.path.join(workdir, "denoiser", "metrics.jsonl")).read() == logged
+
+  def check(out):
+    assert folders.read_model_index(out)["_class_name"] == "PixArtAlphaPipeline"
+    transformer = folders.read_config(folders.component_path(out, "transformer"))
+    assert (transformer["num_layers"], transformer["attention_head_dim"]) == (1, 8)
+    state = folders.load_state_dict(folders.component_path(out, "transformer"))
+    # Two Adam steps at lr <= 5e-4 / 200 from PixArt-alpha's zero-initialised output projection.
+    assert 0 < np.abs(state["proj_out.weight"]).max() < 1e-4
+
+  _tiny_transformer_teacher(config, str(tmp_path / "pixart_teacher"), check)
 
 
 def test_sd3_pretrain_mode_makes_an_sd3_folder(tmp_path):
-  """The flow-matching teacher's config, tiny and short, through the CLI entry: a StableDiffusion3Pipeline
-  folder on the other teachers' frozen encoders (the first CLIP given an identity projection) and VAE
-  (shift_factor 0); then it resumes without training again."""
+  """The flow-matching teacher's config, tiny and short: a StableDiffusion3Pipeline folder on the other
+  teachers' frozen encoders (the first CLIP given an identity projection) and VAE (shift_factor 0)."""
   from configs import shapes_sd3_teacher as teacher_config  # pylint: disable=g-import-not-at-top
-  config = teacher_config.get_config()
-  config.transformer.num_iterations = 2
-  config.transformer.batch_size = 2
-  config.transformer.num_layers = 1
-  config.transformer.num_attention_heads = 2
-  config.transformer.attention_head_dim = 8
-  config.train.progress = False
-  workdir = str(tmp_path / "sd3_teacher")
-  out = tdm_main.run(config, workdir, "pretrain")
-  assert out == os.path.join(workdir, "pipeline")
-  assert folders.read_model_index(out)["_class_name"] == "StableDiffusion3Pipeline"
-  transformer = folders.read_config(folders.component_path(out, "transformer"))
-  assert (transformer["num_layers"], transformer["caption_projection_dim"], transformer["qk_norm"]) == (1, 16, "rms_norm")
-  assert folders.read_config(folders.component_path(out, "vae"))["shift_factor"] == 0.0
-  clip = folders.load_state_dict(folders.component_path(out, "text_encoder"))
-  np.testing.assert_array_equal(clip["text_projection.weight"], np.eye(clip["text_projection.weight"].shape[0]))
-  shipped_clip = folders.load_state_dict(folders.component_path(shapes_teacher.SHIPPED_PIPELINE, "text_encoder"))
-  for name, value in shipped_clip.items():  # frozen: the shipped encoder's weights, unchanged
-    np.testing.assert_array_equal(clip[name], value, err_msg=name)
-  logged = open(os.path.join(workdir, "denoiser", "metrics.jsonl")).read()
-  assert tdm_main.run(config, workdir, "pretrain") == out  # finished stages are not trained again
-  assert open(os.path.join(workdir, "denoiser", "metrics.jsonl")).read() == logged
+
+  def check(out):
+    assert folders.read_model_index(out)["_class_name"] == "StableDiffusion3Pipeline"
+    transformer = folders.read_config(folders.component_path(out, "transformer"))
+    assert (transformer["num_layers"], transformer["caption_projection_dim"], transformer["qk_norm"]) == (1, 16, "rms_norm")
+    assert folders.read_config(folders.component_path(out, "vae"))["shift_factor"] == 0.0
+    clip = folders.load_state_dict(folders.component_path(out, "text_encoder"))
+    np.testing.assert_array_equal(clip["text_projection.weight"], np.eye(clip["text_projection.weight"].shape[0]))
+    shipped_clip = folders.load_state_dict(folders.component_path(shapes_teacher.SHIPPED_PIPELINE, "text_encoder"))
+    for name, value in shipped_clip.items():  # frozen: the shipped encoder's weights, unchanged
+      np.testing.assert_array_equal(clip[name], value, err_msg=name)
+
+  _tiny_transformer_teacher(teacher_config.get_config(), str(tmp_path / "sd3_teacher"), check)
