@@ -1,6 +1,8 @@
 """Our sampler and VAE on a shipped Diffusers folder, beside what its stock pipeline returned: the check
 every shipped teacher's test makes (tests/test_shapes_*.py)."""
 
+import os
+
 import numpy as np
 
 from tdm_jax.core import sample
@@ -8,6 +10,15 @@ from tdm_jax.core.schedules import from_diffusers_config
 from tdm_jax.models.vae import AutoencoderKL
 from tdm_jax.tasks.diffusers.description import describe
 from tdm_jax.tasks.diffusers.weights import convert_pipeline, load_prompt_encoder
+
+# Two captions the shipped teachers' tests sample: one object, and two with different colours and sizes.
+PROMPTS = ["a small red circle in the top left on a white background",
+           "a large blue square in the center and a small yellow triangle in the bottom right on a gray background"]
+
+
+def folder_bytes(folder: str) -> int:
+  """Every file's size under `folder`, summed (the shipped assets' 25 MB budget)."""
+  return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
 
 
 def assert_our_images_match(pipeline: str, theirs, prompts, z, scheduler_config: dict, *, encoder=None, **sampler):

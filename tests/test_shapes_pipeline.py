@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from shipped_pipelines import assert_our_images_match
+from shipped_pipelines import PROMPTS, assert_our_images_match, folder_bytes
 from tdm_jax.convert import folders
 from tdm_jax.infra import data
 from tdm_jax.tasks.diffusers import text_encoders
@@ -17,12 +17,10 @@ from tdm_jax.tasks.shapes import evaluator
 from tdm_jax.tasks.shapes import teacher as shapes_teacher
 
 PIPELINE = shapes_teacher.SHIPPED_PIPELINE
-PROMPTS = ["a small red circle in the top left on a white background",
-           "a large blue square in the center and a small yellow triangle in the bottom right on a gray background"]
 
 
 def test_shipped_folder_is_a_small_sdxl_pipeline():
-  size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(shapes_teacher.ASSETS) for f in files)
+  size = folder_bytes(shapes_teacher.ASSETS)
   assert size <= 25 * 2**20, f"shipped assets take {size / 2**20:.1f} MiB"
   index = folders.read_model_index(PIPELINE)
   assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"]

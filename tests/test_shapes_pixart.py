@@ -8,19 +8,17 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from shipped_pipelines import assert_our_images_match
+from shipped_pipelines import PROMPTS, assert_our_images_match, folder_bytes
 from tdm_jax.infra import data
 from tdm_jax.tasks.diffusers.description import describe
 from tdm_jax.tasks.shapes import pixart_teacher
 from tdm_jax.tasks.shapes import teacher as shapes_teacher
 
 PIPELINE = pixart_teacher.SHIPPED_PIPELINE
-PROMPTS = ["a small red circle in the top left on a white background",
-           "a large blue square in the center and a small yellow triangle in the bottom right on a gray background"]
 
 
 def test_shipped_folder_is_a_small_pixart_pipeline():
-  size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(PIPELINE) for f in files)
+  size = folder_bytes(PIPELINE)
   assert size <= 25 * 2**20, f"the shipped PixArt pipeline takes {size / 2**20:.1f} MiB"
   d = describe(PIPELINE)
   assert d.pipeline_class == "PixArtAlphaPipeline" and d.backbone.name == "pixart" and d.family.max_length == 120

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from shipped_pipelines import assert_our_images_match
+from shipped_pipelines import PROMPTS, assert_our_images_match, folder_bytes
 from tdm_jax.core.schedules import FlowSchedule, from_diffusers_config
 from tdm_jax.infra import data
 from tdm_jax.tasks.diffusers.description import describe
@@ -18,12 +18,10 @@ from tdm_jax.tasks.shapes import teacher as shapes_teacher
 
 PIPELINE = sd3_teacher.SHIPPED_PIPELINE
 T5_TOKENS = 32  # what the teacher was trained at (configs/shapes_sd3_teacher.py, configs/shapes_sd3.py)
-PROMPTS = ["a small red circle in the top left on a white background",
-           "a large blue square in the center and a small yellow triangle in the bottom right on a gray background"]
 
 
 def test_shipped_folder_is_a_small_sd3_pipeline():
-  size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(PIPELINE) for f in files)
+  size = folder_bytes(PIPELINE)
   assert size <= 25 * 2**20, f"the shipped SD3 pipeline takes {size / 2**20:.1f} MiB"
   d = describe(PIPELINE)
   assert d.pipeline_class == "StableDiffusion3Pipeline" and d.backbone.name == "mmdit" and d.family.name == "sd3"
