@@ -1,14 +1,18 @@
 """The variance-preserving path, pinned: the TDM iteration, its draws and the samplers on a discrete
 schedule give what they gave before schedules became (a(t), s(t)) pairs with rectified flow beside
-them (tests/data/pinned_vp.npz, written by `python tests/test_vp_pinned.py` at commit 4ace03a).
+them (tests/data/pinned_vp.npz: `vp_outputs` as it stood at commit 4d49c6f, on that code, written by
+`python tests/test_vp_pinned.py` there, with the jax version and CPU it ran on).
 
-Bitwise on the jax version that wrote the pin (the integer timesteps, every draw, every weight after
-an iteration, every sample); on another jax version XLA may round differently, so the floats are
-then held to 1e-6 relative and the integer timesteps stay exact.
+Bitwise on the jax version and CPU that wrote the pin (the integer timesteps, every draw, every weight
+after an iteration, every sample). XLA:CPU compiles for the host's vector units, so another CPU or jax
+version may round a few floats differently (one float32 ulp in a few weights and samples, measured between
+two hosts of this project): there the floats are held to 1e-6 relative and the integer timesteps stay exact.
 """
 
 import functools
+import hashlib
 import os
+import platform
 import sys
 
 import jax
@@ -24,6 +28,18 @@ from test_tdm import apply, init_params, jit, make_cond, perturb, strict_apply  
 
 PIN = os.path.join(os.path.dirname(__file__), "data", "pinned_vp.npz")
 SHAPE, BATCH = (2, 4, 4), 8
+
+
+def host_cpu() -> str:
+  """The CPU model and a digest of its feature flags (XLA:CPU's code, so its rounding, follows them)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      pairs = (line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+      fields = {key.strip(): value.strip() for key, value in pairs}
+  except OSError:
+    return platform.machine()
+  flags = " ".join(sorted(fields.get("flags", "").split()))
+  return f"{fields.get('model name', platform.machine())} [{hashlib.sha1(flags.encode()).hexdigest()[:12]}]"
 
 
 def vp_outputs() -> dict:
@@ -65,8 +81,8 @@ def vp_outputs() -> dict:
 def test_vp_path_is_what_it_was():
   pinned = np.load(PIN)
   got = vp_outputs()
-  assert sorted(got) == sorted(k for k in pinned.files if k != "jax_version")
-  exact = str(pinned["jax_version"]) == jax.__version__
+  assert sorted(got) == sorted(k for k in pinned.files if k not in ("jax_version", "cpu"))
+  exact = str(pinned["jax_version"]) == jax.__version__ and str(pinned["cpu"]) == host_cpu()
   for key, value in got.items():
     want = pinned[key]
     assert value.dtype == want.dtype and value.shape == want.shape, key
@@ -77,5 +93,5 @@ def test_vp_path_is_what_it_was():
 
 
 if __name__ == "__main__":
-  np.savez_compressed(PIN, jax_version=np.asarray(jax.__version__), **vp_outputs())
+  np.savez_compressed(PIN, jax_version=np.asarray(jax.__version__), cpu=np.asarray(host_cpu()), **vp_outputs())
   print("wrote", PIN)
