@@ -31,13 +31,14 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from tdm_jax.core import tdm
-from tdm_jax.core.schedules import FLOW_SCHEDULERS, FlowSchedule, betas_from_config, sampling_timesteps
+from tdm_jax.core.schedules import (FLOW_SCHEDULERS, SNR_SHIFTED_SCHEDULERS, FlowSchedule, betas_from_config,
+                                    sampling_timesteps)
 from tdm_jax.infra.errors import ConfigError
 
 METADATA = "tdm_student.json"
 # Keys of the teacher's scheduler config that define its noise schedule.
 _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                  "prediction_type", "rescale_betas_zero_snr")
+                  "prediction_type", "rescale_betas_zero_snr", "snr_shift_scale")
 
 
 def is_flow(config: Mapping[str, Any]) -> bool:
@@ -73,13 +74,18 @@ def scheduler_config(teacher: Mapping[str, Any], total_steps: Optional[int] = No
     if schedule is None:
       raise ValueError("a flow teacher's student scheduler needs the training schedule (its student grid)")
     return flow_scheduler_config(teacher, schedule)
-  out = {"_class_name": "DDIMScheduler"}
+  cogvideox = teacher.get("_class_name") in SNR_SHIFTED_SCHEDULERS
+  out = {"_class_name": "CogVideoXDDIMScheduler" if cogvideox else "DDIMScheduler"}
   out.update({k: teacher[k] for k in _SCHEDULE_KEYS if k in teacher})
+  if cogvideox:  # its default shift (3.0) made explicit: the exported folder must not depend on defaults
+    out["snr_shift_scale"] = float(teacher.get("snr_shift_scale", 3.0))
   n_train = int(teacher.get("num_train_timesteps", 1000))
   if total_steps is not None and total_steps < n_train:
     betas = betas_from_config(teacher)[:total_steps]
     out.update(trained_betas=[float(np.float32(b)) for b in betas], num_train_timesteps=int(total_steps),
                rescale_betas_zero_snr=False)
+    if cogvideox:  # the betas already hold the shift
+      out["snr_shift_scale"] = 1.0
   out.update(timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True, clip_sample=False,
              thresholding=False)
   return out
@@ -105,8 +111,10 @@ def student_grid(total_steps: int, num_steps: int) -> Tuple[np.ndarray, np.ndarr
 
 def _plain_ddim(config: Mapping[str, Any]) -> bool:
   """A DDIMScheduler that moves exactly as our DDIM does (Diffusers' DDIM clips x0 by default)."""
-  return (config.get("_class_name", "DDIMScheduler") == "DDIMScheduler" and not config.get("clip_sample", True)
-          and not config.get("thresholding", False))
+  name = config.get("_class_name", "DDIMScheduler")
+  if name == "CogVideoXDDIMScheduler":  # it never clips nor thresholds
+    return True
+  return name == "DDIMScheduler" and not config.get("clip_sample", True) and not config.get("thresholding", False)
 
 
 def flow_stock_timesteps(config: Mapping[str, Any], num_steps: int) -> np.ndarray:

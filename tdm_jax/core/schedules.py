@@ -323,14 +323,46 @@ def make_schedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.
     return _schedule_from_betas(betas, prediction_type)
 
 
+# CogVideoX's DDIM and DPM schedulers: alphabar shifted by `snr_shift_scale` (default 3.0), then rescaled.
+SNR_SHIFTED_SCHEDULERS = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
+
+
 def vp_from_diffusers_config(config: dict) -> Schedule:
     """Schedule from a Diffusers ``scheduler_config.json`` dict of a variance-preserving scheduler (DDPM,
-    DDIM, Euler, DPM-Solver, ...); missing keys take Diffusers' defaults."""
+    DDIM, Euler, DPM-Solver, CogVideoX's DDIM, ...); missing keys take Diffusers' defaults."""
     prediction_type = config.get("prediction_type", "epsilon")
     if prediction_type not in PREDICTION_TYPES:
         raise ConfigError(f"unknown prediction_type {prediction_type!r}; supported: {PREDICTION_TYPES}")
+    if config.get("_class_name") in SNR_SHIFTED_SCHEDULERS:
+        ac = snr_shifted_alphas_cumprod(config)
+        return Schedule(jnp.asarray(ac.astype(np.float32)), prediction_type=prediction_type,
+                        num_train_timesteps=int(ac.shape[0]))
     return _schedule_from_betas(_config_betas(config), prediction_type,
                                 bool(config.get("rescale_betas_zero_snr", False)))
+
+
+def snr_shifted_alphas_cumprod(config: dict) -> np.ndarray:
+    """float64 alphabar of CogVideoX's schedulers: the betas' cumulative product (in float64, scaled-linear
+    betas included, as those schedulers compute them), its SNR divided by `snr_shift_scale` (alphabar / (k +
+    (1 - k) alphabar): the SD3-style shift that CogVideoX-2B trains with k = 3 and 5B with k = 1), then,
+    with `rescale_betas_zero_snr`, rescaled to zero terminal SNR on alphabar itself (Lin et al. 2023)."""
+    if config.get("trained_betas") is not None:
+        betas = np.asarray(np.asarray(config["trained_betas"], np.float32), np.float64)
+    else:
+        betas = _betas(config.get("beta_schedule", "scaled_linear"), config.get("beta_start", 0.00085),
+                       config.get("beta_end", 0.012), int(config.get("num_train_timesteps", 1000)))
+        if config.get("beta_schedule", "scaled_linear") != "scaled_linear":  # float32 there, as DDIM's
+            betas = betas.astype(np.float32).astype(np.float64)
+    k = float(config.get("snr_shift_scale", 3.0))
+    if not k > 0:
+        raise ConfigError(f"scheduler config: snr_shift_scale={k} must be > 0")
+    ac = np.cumprod(1.0 - betas)
+    ac = ac / (k + (1.0 - k) * ac)
+    if config.get("rescale_betas_zero_snr", False):
+        sq = np.sqrt(ac)
+        sq = (sq - sq[-1]) * (sq[0] / (sq[0] - sq[-1]))
+        ac = sq**2
+    return ac
 
 
 def _config_betas(config: dict) -> np.ndarray:
@@ -341,7 +373,11 @@ def _config_betas(config: dict) -> np.ndarray:
 
 
 def betas_from_config(config: dict) -> np.ndarray:
-    """The float64 betas a Diffusers scheduler config defines, zero-terminal-SNR rescaling applied."""
+    """The float64 betas a Diffusers scheduler config defines, zero-terminal-SNR rescaling (and CogVideoX's
+    SNR shift) applied."""
+    if config.get("_class_name") in SNR_SHIFTED_SCHEDULERS:
+        ac = snr_shifted_alphas_cumprod(config)
+        return 1.0 - np.concatenate([ac[:1], ac[1:] / np.where(ac[:-1] > 0, ac[:-1], 1.0)])
     betas = _config_betas(config)
     return _rescale_zero_terminal_snr(betas) if config.get("rescale_betas_zero_snr", False) else betas
 
