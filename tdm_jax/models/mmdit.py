@@ -31,9 +31,8 @@ from tdm_jax.models import layers
 from tdm_jax.models.attention import attention
 from tdm_jax.models.blocks import dense as _dense
 from tdm_jax.models.blocks import FeedForward
-from tdm_jax.models.dit_blocks import sincos_1d, sincos_pos_embed
+from tdm_jax.models.embeddings import TimestepEmbedding, sincos_1d, sincos_pos_embed, timestep_embedding
 from tdm_jax.models.remat import rematerialised
-from tdm_jax.models.unet import TimestepEmbedding, timestep_embedding
 
 # Every argument of Diffusers' SD3Transformer2DModel.__init__; any other key (bar "_name" keys and
 # ours, `num_step_embeds`) is refused rather than silently ignored.

@@ -9,17 +9,16 @@ layout change (see `tdm_jax/convert/unet.py`). Every parameter carries logical a
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping, Optional, Tuple, Union
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from tdm_jax.infra.errors import ConfigError
 from tdm_jax.models import layers
 from tdm_jax.models.blocks import Attention, FeedForward, ResnetBlock2D, Upsample2D
 from tdm_jax.models.blocks import conv as _conv, dense as _dense, group_norm as _group_norm
+from tdm_jax.models.embeddings import TimestepEmbedding, timestep_embedding
 from tdm_jax.models.remat import rematerialised
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -170,40 +169,8 @@ class UNetConfig:
     return self.block_out_channels[0] * 4
 
 
-def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool,
-                       freq_shift: float, max_period: float = 10000.0) -> jax.Array:
-  """Diffusers' `get_timestep_embedding`: (N,) -> (N, dim) float32 sinusoids."""
-  half = dim // 2
-  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
-  args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
-  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
-  if flip_sin_to_cos:
-    emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
-  if dim % 2:
-    emb = jnp.pad(emb, ((0, 0), (0, 1)))
-  return emb
-
-
 def _layer_norm(m, name):
   return layers.layer_norm(1e-5, name, dtype=m.dtype, param_dtype=m.param_dtype)
-
-
-class TimestepEmbedding(nn.Module):
-  """[+ cond_proj(condition)] -> linear_1 -> SiLU -> linear_2."""
-  features: int
-  cond_proj_dim: Optional[int] = None
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, condition=None):
-    if self.cond_proj_dim is not None:
-      if condition is None:  # Diffusers skips the projection; adding zeros is the same and keeps the weight
-        condition = jnp.zeros(x.shape[:-1] + (self.cond_proj_dim,), self.dtype)
-      x = x + _dense(self, x.shape[-1], (None, "embed"), "cond_proj", use_bias=False)(
-          jnp.asarray(condition).astype(self.dtype))
-    x = _dense(self, self.features, ("embed", "mlp"), "linear_1")(x)
-    return _dense(self, self.features, ("mlp", "embed"), "linear_2")(nn.silu(x))
 
 
 class BasicTransformerBlock(nn.Module):
