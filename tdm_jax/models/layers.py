@@ -110,3 +110,19 @@ def layer_norm(eps: float, name: str, *, dtype: Any, param_dtype: Any) -> nn.Lay
   return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
                       scale_init=annotated(nn.initializers.ones, NORM_AXES),
                       bias_init=annotated(nn.initializers.zeros, NORM_AXES), name=name)
+
+
+CONV3D_AXES = ("conv_time", "conv_height", "conv_width", "conv_in", "conv_out")
+
+
+def conv3d(features: int, name: str, *, dtype: Any, param_dtype: Any, kernel: int = 3,
+           padding: Any = None) -> nn.Conv:
+  """A cubic 3-D conv over (batch, time, height, width, channels), THWIO kernel.
+
+  Unless `padding` is given, height and width get symmetric `kernel // 2` zero padding and time none:
+  video models pad time themselves (causally, from the past only)."""
+  if padding is None:
+    padding = ((0, 0),) + ((kernel // 2, kernel // 2),) * 2
+  return nn.Conv(features, (kernel,) * 3, padding=padding, dtype=dtype, param_dtype=param_dtype,
+                 **BATCH_SPLIT_CONV, kernel_init=annotated(nn.initializers.lecun_normal(), CONV3D_AXES),
+                 bias_init=annotated(nn.initializers.zeros, ("conv_out",)), name=name)
