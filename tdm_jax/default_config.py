@@ -96,7 +96,9 @@ def diffusers_config(**model) -> ml_collections.ConfigDict:
   with config.unlocked():
     config.model = ml_collections.ConfigDict(dict(
         reference="",  # a folder of published configs (no weights), for shape-only work
-        resolution=0,  # pixels; 0: the UNet's sample_size times the VAE's factor
+        resolution=0,  # pixels of a square frame; 0: the denoiser's sample size times the VAE's factor
+        height=0, width=0,  # pixels of a non-square frame (both set: they override resolution)
+        num_frames=0,  # video teachers: pixel frames per clip, 1 + k x the VAE's temporal factor; 0: the denoiser's
         dtype="bfloat16",  # compute dtype of the UNet
         teacher_dtype="bfloat16",  # the frozen teacher's stored dtype (student and fake score: float32)
         attention="auto",  # cuDNN flash attention on GPUs, blocked attention on CPU, plain for short sequences

@@ -7,7 +7,6 @@ import numpy as np
 
 from tdm_jax.core import sample
 from tdm_jax.core.schedules import from_diffusers_config
-from tdm_jax.models.vae import AutoencoderKL
 from tdm_jax.tasks.diffusers.description import describe
 from tdm_jax.tasks.diffusers.weights import convert_pipeline, load_prompt_encoder
 
@@ -30,7 +29,7 @@ def assert_our_images_match(pipeline: str, theirs, prompts, z, scheduler_config:
   model = d.backbone.module(d.denoiser_config)
   latents = sample.teacher_sample(d.backbone.apply_fn(model), trees[d.denoiser],
                                   from_diffusers_config(scheduler_config), z, cond, uncond, **sampler)
-  ours = np.clip(np.asarray(AutoencoderKL(d.vae_config()).images_from_latents(trees["vae"], latents))
+  ours = np.clip(np.asarray(d.decoder()(trees["vae"], latents))
                  .transpose(0, 2, 3, 1) / 2 + 0.5, 0, 1)
   assert ours.shape == theirs.shape == (len(prompts), 32, 32, 3)
   np.testing.assert_allclose(ours, theirs, atol=2e-3)

@@ -20,7 +20,8 @@ transformers = pytest.importorskip("transformers")
 from tdm_jax.convert import folders  # pylint: disable=g-import-not-at-top
 from tdm_jax.convert.unet import unet_params_from_state_dict  # pylint: disable=g-import-not-at-top
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig  # pylint: disable=g-import-not-at-top
-from tdm_jax.tasks.diffusers import prompts, text_encoders  # pylint: disable=g-import-not-at-top
+from tdm_jax.tasks.diffusers import text_encoders  # pylint: disable=g-import-not-at-top
+from tdm_jax.tasks.diffusers.backbones.unet import sdxl_time_ids  # pylint: disable=g-import-not-at-top
 from tdm_jax.tasks.diffusers.weights import load_prompt_encoder  # pylint: disable=g-import-not-at-top
 
 import tiny_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-order
@@ -147,7 +148,7 @@ def test_sdxl_add_time_ids(sdxl, sdxl_encoder):
   assert cond["time_ids"].dtype == np.float32
   np.testing.assert_array_equal(np.asarray(cond["time_ids"]), theirs)
   np.testing.assert_array_equal(theirs[0], [16, 16, 0, 0, 16, 16])
-  np.testing.assert_array_equal(prompts.sdxl_time_ids(1, (768, 512), (16, 32), (1024, 1024)),
+  np.testing.assert_array_equal(sdxl_time_ids(1, (768, 512), (16, 32), (1024, 1024)),
                                 [[768, 512, 16, 32, 1024, 1024]])
   # Another image size gives the pipeline's time ids for that size.
   big = dataclasses.replace(sdxl_encoder, image_size=(1024, 768))

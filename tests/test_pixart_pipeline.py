@@ -22,7 +22,6 @@ from tdm_jax.convert import folders  # pylint: disable=g-import-not-at-top,wrong
 from tdm_jax.convert import pipeline as pipeline_io  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tdm_jax.core import sample, train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tdm_jax.infra.errors import ConfigError  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tdm_jax.models.vae import AutoencoderKL  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tdm_jax.tasks.diffusers import prompts, task as diffusers_task  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tdm_jax.tasks.diffusers.description import describe  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tdm_jax.tasks.diffusers.weights import load_prompt_encoder  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -104,7 +103,7 @@ def test_distilled_student_samples_right_in_a_stock_pixart_call(pixart, tmp_path
   trees = pipeline_io.load_converted(converted)
   d = describe(os.path.join(converted, "pipeline"))
   cond, _ = prompts.PromptEncoder.from_description(d, trees, (16, 16))(PROMPTS)
-  decode = jax.jit(AutoencoderKL(d.vae_config()).images_from_latents)
+  decode = jax.jit(d.decoder())
   z = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
   images = {}
   for k in (1, 2, 4):
@@ -143,8 +142,8 @@ def test_bad_pixart_folders_are_refused_in_one_line(pixart, tmp_path):
   folder, _ = pixart
   unknown = _copy(folder, tmp_path, "unknown_class")
   _edit_json(os.path.join(unknown, "model_index.json"), transformer=["diffusers", "FluxTransformer2DModel"])
-  with pytest.raises(ConfigError, match="FluxTransformer2DModel.*supported denoisers: PixArtTransformer2DModel, "
-                                        "SD3Transformer2DModel, UNet2DConditionModel"):
+  with pytest.raises(ConfigError, match="FluxTransformer2DModel.*supported denoisers: CogVideoXTransformer3DModel, "
+                                        "PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel"):
     describe(unknown)
   shard = _copy(folder, tmp_path, "missing_shard")
   os.remove(os.path.join(shard, "text_encoder", "model-00002-of-00005.safetensors"))

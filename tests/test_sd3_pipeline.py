@@ -23,7 +23,6 @@ from tdm_jax.convert import student as student_io  # pylint: disable=g-import-no
 from tdm_jax.core import lora, sample, train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tdm_jax.core.schedules import FlowSchedule  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tdm_jax.infra.errors import ConfigError  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tdm_jax.models.vae import AutoencoderKL  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tdm_jax.tasks.diffusers import prompts, task as diffusers_task  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tdm_jax.tasks.diffusers.description import describe  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -95,7 +94,7 @@ def test_distilled_student_samples_right_in_a_stock_sd3_call(distilled):
   d = describe(os.path.join(converted, "pipeline"))
   cond, _ = prompts.PromptEncoder.from_description(d, trees, (16, 16), max_length=12)(PROMPTS)
   assert cond["encoder_hidden_states"].shape == (2, tiny_sd3.tiny_pipeline.MAX_LENGTH + 12, tiny_sd3.JOINT_DIM)
-  decode = jax.jit(AutoencoderKL(d.vae_config()).images_from_latents)
+  decode = jax.jit(d.decoder())
   z = np.random.default_rng(0).standard_normal((2, 16, 8, 8)).astype(np.float32)
   images = {}
   for k in (1, 2, 4):

@@ -19,7 +19,10 @@ diffusers = pytest.importorskip("diffusers")
 
 from tdm_jax.convert import folders  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tdm_jax.infra.errors import ConfigError  # pylint: disable=g-import-not-at-top,wrong-import-position
-from tdm_jax.tasks.diffusers import prompts, text_encoders  # pylint: disable=g-import-not-at-top
+from tdm_jax.tasks.diffusers import backbones, prompts, text_encoders  # pylint: disable=g-import-not-at-top
+from tdm_jax.tasks.diffusers.backbones.mmdit import SD3  # pylint: disable=g-import-not-at-top
+from tdm_jax.tasks.diffusers.backbones.pixart import PIXART_SIGMA  # pylint: disable=g-import-not-at-top
+from tdm_jax.tasks.diffusers.backbones.unet import SD, SDXL  # pylint: disable=g-import-not-at-top
 from tdm_jax.tasks.diffusers.description import describe  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tdm_jax.tasks.diffusers.weights import load_prompt_encoder  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -64,7 +67,7 @@ def _encoders(folder) -> tuple:
 def _family(pipe, folder, max_length=None):
   with open(os.path.join(folder, folders.MODEL_INDEX)) as f:
     index = json.load(f)
-  family = prompts.family_for(type(pipe).__name__).for_pipeline(index, dict(pipe.transformer.config))
+  family = backbones.pipeline_family(type(pipe).__name__).for_pipeline(index, dict(pipe.transformer.config))
   return family if max_length is None else family.with_max_length(max_length)
 
 
@@ -97,15 +100,18 @@ def _compare(tag, cond, uncond, theirs):
 
 def test_sd3_pipelines_are_their_own_family():
   for cls in ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"):
-    assert prompts.family_for(cls) is prompts.SD3, cls
-  assert prompts.family_for("StableDiffusionPipeline") is prompts.SD
-  assert prompts.family_for("StableDiffusionXLPipeline") is prompts.SDXL
-  assert prompts.SD3.max_length == 256 and dict(prompts.SD3.stock_call) == {"guidance_scale": 1.0}
-  shorter = prompts.SD3.with_max_length(77)
+    assert backbones.pipeline_family(cls) is SD3, cls
+  assert backbones.pipeline_family("StableDiffusionPipeline") is SD
+  assert backbones.pipeline_family("StableDiffusionXLPipeline") is SDXL
+  assert backbones.pipeline_family("PixArtSigmaPipeline") is PIXART_SIGMA
+  with pytest.raises(ConfigError, match="FluxPipeline"):
+    backbones.pipeline_family("FluxPipeline")
+  assert SD3.max_length == 256 and dict(SD3.stock_call) == {"guidance_scale": 1.0}
+  shorter = SD3.with_max_length(77)
   assert dict(shorter.stock_call) == {"guidance_scale": 1.0, "max_sequence_length": 77}
   assert dict(shorter.with_max_length(300).stock_call)["max_sequence_length"] == 300
-  assert dict(prompts.PIXART_SIGMA.with_max_length(200).stock_call) == dict(
-      prompts.PIXART_SIGMA.stock_call, max_sequence_length=200)
+  assert dict(PIXART_SIGMA.with_max_length(200).stock_call) == dict(
+      PIXART_SIGMA.stock_call, max_sequence_length=200)
 
 
 def test_prompts_are_encoded_as_encode_prompt_does(sd3, caplog):
@@ -163,7 +169,7 @@ def test_without_t5_its_states_are_zeros(sd3_no_t5):
   np.testing.assert_array_equal(np.asarray(cond["encoder_hidden_states"][:, CLIP_LENGTH:]), 0.0)
   _compare("sd3 without T5", cond, uncond, _diffusers(pipe, batch))
   # Without the transformer's width the zeros cannot be made: said in one line.
-  bare = prompts.PromptEncoder(prompts.SD3, encoder.encoders, image_size=(16, 16))
+  bare = prompts.PromptEncoder(SD3, encoder.encoders, image_size=(16, 16))
   with pytest.raises(ConfigError, match="joint_attention_dim"):
     bare(PROMPTS)
 

@@ -139,20 +139,32 @@ def mismatched_counts(config: Mapping[str, Any], total_steps: int, step_counts: 
   return [int(k) for k in step_counts if not (_plain_ddim(config) and same(k))]
 
 
+def guidance_note(stock_call: Mapping[str, Any], flow: bool) -> str:
+  """tdm_student.json's word on guidance, from what the family's stock call passes: pipelines with no slot
+  that turns classifier-free guidance off (PixArt, SD3, CogVideoX) are called with guidance_scale=1;
+  UNets skip it by themselves (the exported time_cond_proj_dim)."""
+  if "guidance_scale" not in stock_call:
+    return "distilled in: stock pipelines skip classifier-free guidance for this UNet (time_cond_proj_dim)"
+  return (f"distilled in: call with guidance_scale={float(stock_call['guidance_scale'])}"
+          + (" and sigmas=the entry for K above" if flow else ""))
+
+
 def write_metadata(folder: str, total_steps: int, step_counts: Sequence[int],
-                   schedule: Optional[FlowSchedule] = None, call: Optional[Mapping[str, Any]] = None) -> None:
-  """tdm_student.json; `call`: arguments every stock call of the folder must pass (e.g. a T5 length)."""
+                   schedule: Optional[FlowSchedule] = None, call: Optional[Mapping[str, Any]] = None,
+                   stock_call: Mapping[str, Any] = ()) -> None:
+  """tdm_student.json; `call`: arguments every stock call of the folder must pass (e.g. a T5 length);
+  `stock_call`: the family's constant stock-call arguments, for the guidance note."""
   info = {"step_counts": [int(k) for k in step_counts], "total_steps": int(total_steps)}
   if call:
     info["call"] = dict(call)
-  if schedule is not None and schedule.continuous:
+  flow = schedule is not None and schedule.continuous
+  if flow:
     info.update(timesteps={str(k): [float(t) for t in tdm.student_timesteps(total_steps, k, schedule)]
                            for k in step_counts},
-                sigmas={str(k): stock_sigmas(k) for k in step_counts},
-                guidance="distilled in: call with guidance_scale=1.0 and sigmas=the entry for K above")
+                sigmas={str(k): stock_sigmas(k) for k in step_counts})
   else:
-    info.update(timesteps={str(k): [int(t) for t in tdm.student_timesteps(total_steps, k)] for k in step_counts},
-                guidance="distilled in: stock pipelines skip classifier-free guidance for this UNet")
+    info.update(timesteps={str(k): [int(t) for t in tdm.student_timesteps(total_steps, k)] for k in step_counts})
+  info["guidance"] = guidance_note(dict(stock_call), flow)
   with open(os.path.join(folder, METADATA), "w") as f:
     json.dump(info, f, indent=2)
 

@@ -23,6 +23,7 @@ from tdm_jax.infra import data, sharding
 from tdm_jax.infra.errors import ConfigError
 from tdm_jax.tasks.diffusers import prompts, weights
 from tdm_jax.tasks.diffusers.description import PipelineDescription, describe
+from tdm_jax.tasks.diffusers.geometry import LatentGeometry
 
 DRY_RUN_PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolour of a lighthouse at dusk",
                    "a red bicycle leaning on a brick wall", "a bowl of ramen, studio lighting")
@@ -61,30 +62,26 @@ def abstract_trees(d: PipelineDescription) -> tuple:
           {k: sharding.logical_axes(v) for k, v in boxed.items()})
 
 
-def resolution(config, d: PipelineDescription) -> int:
-  """`model.resolution` (0: the denoiser's own), refused before anything compiles unless a multiple of
-  what the denoiser and the VAE need."""
-  pixels = config.model.resolution or d.default_resolution()
-  multiple = d.resolution_multiple()
-  if pixels <= 0 or pixels % multiple:
-    raise ConfigError(f"model.resolution={pixels} must be a positive multiple of {multiple} for this pipeline "
-                      f"(VAE factor {d.vae_scale_factor} x {d.backbone.name} {multiple // d.vae_scale_factor}), "
-                      f"e.g. {max(multiple, pixels // multiple * multiple)}")
-  return pixels
+def run_geometry(config, d: PipelineDescription) -> LatentGeometry:
+  """The run's latent geometry (`model.resolution`, `height`, `width`, `num_frames`; 0: the denoiser's own),
+  refused before anything compiles unless the denoiser and the VAE can make it."""
+  return d.geometry(config.model)
 
 
 def run_family(config, d: PipelineDescription) -> prompts.PipelineFamily:
   """The pipeline's prompt family with this run's T5 length (`model.max_sequence_length`; 0: the family's)."""
   n = int(config.model.max_sequence_length)
-  return d.family.with_max_length(n) if n else d.family
+  family = d.family.with_max_length(n) if n else d.family
+  if d.backbone.check_family is not None:
+    d.backbone.check_family(d.denoiser_config, family)
+  return family
 
 
-def teacher_schedule(config, d: PipelineDescription, pixels: int):
+def teacher_schedule(config, d: PipelineDescription, geometry: LatentGeometry):
   """The schedule the student trains and samples on: the folder's scheduler (a FlowSchedule for flow
-  matching, its dynamic shift fixed by the latent's patches at `pixels`) with `tdm.student_shift`."""
-  patches = (pixels // d.vae_scale_factor // d.backbone.downsampling(d.denoiser_config)) ** 2
+  matching, its dynamic shift fixed by the run's token count) with `tdm.student_shift`."""
   return tdm.TDMConfig.from_config(config.tdm).student_schedule(
-      from_diffusers_config(d.scheduler_config, image_seq_len=patches))
+      from_diffusers_config(d.scheduler_config, image_seq_len=geometry.tokens))
 
 
 def build_task(config, workdir: str, progress: bool = True, devices=None, materialize: bool = True) -> Task:
@@ -103,8 +100,8 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
   make_model = lambda cfg: backbone.module(cfg, dtype=dtype, attention_implementation=config.model.attention,
                                            remat=config.model.remat)
   model = make_model(d.denoiser_config)
-  pixels = resolution(config, d)
-  schedule = teacher_schedule(config, d, pixels)  # a scheduler option we do not model fails here, up front
+  geometry = run_geometry(config, d)
+  schedule = teacher_schedule(config, d, geometry)  # a scheduler option we do not model fails here, up front
   abstract, axes = abstract_trees(d)
   if lora_cfg is not None:
     lora.target_paths(abstract[d.denoiser], lora_cfg)  # an unmatched target regex fails here, before any work
@@ -122,7 +119,7 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
   encoders = prompts.encoder_modules(d, config.model.dtype, shape_only=converted is None)
   force_zeros = d.force_zeros_for_empty_prompt
   negatives = prompts.host_tokens(family, encoders, [""])
-  image_size = (pixels, pixels)
+  image_size = geometry.image_size
 
   def local_batch(step: int, batch_size: int, rows):
     mine = source.local_prompts(step, batch_size, rows)
@@ -140,7 +137,6 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
               else prompts.encode(family, encoders, params, inputs["negative"], image_size))
     return cond, uncond
 
-  latent = pixels // d.vae_scale_factor
   apply = backbone.apply_fn(model)
   as_float32 = lambda teacher: jax.tree.map(lambda x: x.astype(jnp.float32), teacher)
   init = None if lora_cfg else (lambda teacher, key: as_float32(teacher))
@@ -156,7 +152,7 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
       init = lambda teacher, key: {**as_float32(teacher), **table}
   return Task(apply=apply, teacher_params=frozen[d.denoiser],
               schedule=schedule,
-              sample_shape=(backbone.in_channels(d.denoiser_config), latent, latent), batch=batch,
+              sample_shape=geometry.latent_shape, batch=batch,
               local_batch=local_batch, student_apply=student_apply, fake_apply=student_apply,
               student_init=init, fake_init=init,
               lora=lora_cfg, lora_apply=lora_apply(backbone.apply_fn(adapted_model), lora_cfg) if lora_cfg else None,

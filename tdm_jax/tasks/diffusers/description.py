@@ -1,6 +1,7 @@
 """A Diffusers pipeline folder read once into one description that conversion, prompt encoding,
 training, export and evaluation all use: its denoiser (and the backbone family that serves it), its
-text encoders with their tokenizers, its VAE and scale factor, its scheduler, and its pipeline family.
+text encoders with their tokenizers, its VAE (and the kind that serves it), its scheduler, and its
+pipeline family.
 
 Every component's kind comes from the class `model_index.json` names for it, never from its folder
 name, so a pipeline with a `transformer/` and a T5 `text_encoder/` (PixArt) is read by the same code
@@ -15,12 +16,9 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from tdm_jax.convert import folders
-from tdm_jax.convert import vae as vae_io
-from tdm_jax.models.vae import VAEConfig
-from tdm_jax.tasks.diffusers import backbones, prompts, text_encoders
+from tdm_jax.tasks.diffusers import backbones, geometry, prompts, text_encoders, vaes
 
 PyTree = Any
-VAE_CLASSES = ("AutoencoderKL",)
 ENCODER_SLOTS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3"))
 
 
@@ -45,12 +43,13 @@ class PipelineDescription:
   denoiser_config: Any  # the backbone's config object
   denoiser_config_dict: dict
   encoders: tuple  # EncoderSlot, in pipeline order
+  vae: vaes.VAEKind
   vae_config_dict: dict
   scheduler_config: dict
 
   @property
   def vae_scale_factor(self) -> int:
-    return 2 ** (len(self.vae_config_dict.get("block_out_channels", [0] * 4)) - 1)
+    return int(self.vae.spatial_factor(self.vae_config_dict))
 
   @property
   def force_zeros_for_empty_prompt(self) -> bool:
@@ -61,11 +60,22 @@ class PipelineDescription:
     """The components holding weights, denoiser first."""
     return (self.denoiser,) + tuple(s.encoder for s in self.encoders) + ("vae",)
 
-  def default_resolution(self) -> int:
-    return int(self.backbone.sample_size(self.denoiser_config)) * self.vae_scale_factor
+  def geometry(self, model=None) -> geometry.LatentGeometry:
+    """The latent geometry that config section `model` asks for (`model.resolution`, `height`, `width`,
+    `num_frames`; None or 0s: the denoiser's own size and frames), refused up front when the VAE and the
+    denoiser cannot make it."""
+    c, backbone = self.denoiser_config, self.backbone
+    h, w = backbone.sample_size(c)
+    return geometry.from_config(
+        model if model is not None else {"resolution": 0}, channels=int(backbone.in_channels(c)),
+        default_size=(int(h) * self.vae_scale_factor, int(w) * self.vae_scale_factor),
+        default_frames=backbone.sample_frames(c) if backbone.sample_frames else None,
+        spatial_factor=self.vae_scale_factor, temporal_factor=int(self.vae.temporal_factor(self.vae_config_dict)),
+        patch=int(backbone.downsampling(c)), name=backbone.name)
 
-  def resolution_multiple(self) -> int:
-    return self.vae_scale_factor * int(self.backbone.downsampling(self.denoiser_config))
+  def decoder(self):
+    """`decode(vae params, scaled latents) -> pixels in [-1, 1]` of this pipeline's VAE (pure, jittable)."""
+    return self.vae.decoder(self.vae_config_dict)
 
   def config_dict(self, name: str) -> dict:
     if name == self.denoiser:
@@ -79,7 +89,7 @@ class PipelineDescription:
     if name == self.denoiser:
       return self.backbone.params_from_state_dict(state, self.denoiser_config_dict)
     if name == "vae":
-      return vae_io.vae_params_from_state_dict(state, self.vae_config_dict)
+      return self.vae.params_from_state_dict(state, self.vae_config_dict)
     slot = next(s for s in self.encoders if s.encoder == name)
     return slot.kind.params_from_state_dict(state, slot.config)
 
@@ -88,7 +98,7 @@ class PipelineDescription:
     if name == self.denoiser:
       state, weights = self.backbone.state_dict_from_params(params, config), self.backbone.weights_name
     elif name == "vae":
-      state, weights = vae_io.vae_state_dict_from_params(params, config), "diffusion_pytorch_model.safetensors"
+      state, weights = self.vae.state_dict_from_params(params, config), "diffusion_pytorch_model.safetensors"
     else:
       slot = next(s for s in self.encoders if s.encoder == name)
       state = slot.kind.state_dict_from_params(params, slot.kind.config_from_dict(config))
@@ -96,9 +106,6 @@ class PipelineDescription:
     folders.save_state_dict(out_dir, {k: np.asarray(v, dtype) for k, v in state.items()}, config,
                             weights_name=weights)
     return out_dir
-
-  def vae_config(self) -> VAEConfig:
-    return VAEConfig.from_dict(self.vae_config_dict)
 
 
 def _listed(index: Mapping[str, Any], name: str) -> Optional[str]:
@@ -113,9 +120,9 @@ def describe(folder: str) -> PipelineDescription:
   """Reads `folder` (model_index.json and every component's config) once; clear errors name what is wrong."""
   index = folders.read_model_index(folder)
   pipeline_class = str(index.get("_class_name", ""))
-  family = prompts.family_for(pipeline_class)
   denoiser, denoiser_class = backbones.denoiser_component(index)
   backbone = backbones.for_class(denoiser_class)
+  family = backbones.pipeline_family(pipeline_class)
   denoiser_dict = folders.read_config(folders.component_path(folder, denoiser))
   family = family.for_pipeline(index, denoiser_dict)
   slots = []
@@ -140,11 +147,9 @@ def describe(folder: str) -> PipelineDescription:
       raise folders.FolderError(
           f"{folder!r} is a {pipeline_class}, whose pooled projections need {name} to be a "
           f"CLIPTextModelWithProjection (index entry: {index.get(name)!r})")
-  vae_class = _listed(index, "vae")
-  if vae_class not in VAE_CLASSES:
-    raise folders.FolderError(f"the pipeline's vae is {vae_class!r}; supported: {', '.join(VAE_CLASSES)}")
+  vae = vaes.kind_for(_listed(index, "vae"))
   return PipelineDescription(
       folder=folder, index=index, pipeline_class=pipeline_class, family=family, denoiser=denoiser,
       backbone=backbone, denoiser_config=backbone.config_from_dict(denoiser_dict), denoiser_config_dict=denoiser_dict,
-      encoders=tuple(slots), vae_config_dict=folders.read_config(folders.component_path(folder, "vae")),
+      encoders=tuple(slots), vae=vae, vae_config_dict=folders.read_config(folders.component_path(folder, "vae")),
       scheduler_config=folders.read_config(folders.component_path(folder, "scheduler")))

@@ -23,8 +23,8 @@ from tdm_jax.core import rng, sample
 from tdm_jax.core.train import Task, sampling_params
 from tdm_jax.infra import data
 from tdm_jax.infra.errors import ConfigError
-from tdm_jax.models.vae import AutoencoderKL
 from tdm_jax.tasks.diffusers import prompts, weights
+from tdm_jax.tasks.diffusers.build import run_geometry
 from tdm_jax.tasks.diffusers.description import describe
 from tdm_jax.tasks.diffusers.export import exported_pipeline, exported_step_counts
 
@@ -77,11 +77,10 @@ def _renderer(config, workdir: str, task: Task, prompt_list, key) -> _Renderer:
   out = weights.ensure_converted(config, workdir)
   d = describe(os.path.join(out, "pipeline"))
   trees = pipeline_io.load_converted(out)
-  resolution = task.sample_shape[-1] * d.vae_scale_factor
-  cond, uncond = prompts.PromptEncoder.from_description(d, trees, (resolution, resolution),
+  cond, uncond = prompts.PromptEncoder.from_description(d, trees, run_geometry(config, d).image_size,
                                                         max_length=config.model.max_sequence_length or None)(prompt_list)
   z = jax.random.normal(key, (len(prompt_list),) + tuple(task.sample_shape))
-  decode = jax.jit(AutoencoderKL(d.vae_config()).images_from_latents)
+  decode = jax.jit(d.decoder())
   jax.block_until_ready(decode(trees["vae"], z))  # compiled here, once, not inside any sampler's timing
   return _Renderer(trees, cond, uncond, z, decode)
 

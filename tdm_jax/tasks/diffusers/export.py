@@ -24,8 +24,14 @@ from tdm_jax.convert import student as student_io
 from tdm_jax.core import lora, tdm
 from tdm_jax.infra.errors import ConfigError
 from tdm_jax.tasks.diffusers import weights
-from tdm_jax.tasks.diffusers.build import lora_config, resolution, run_family, teacher_schedule
+from tdm_jax.tasks.diffusers.build import lora_config, run_family, run_geometry, teacher_schedule
 from tdm_jax.tasks.diffusers.description import describe
+
+
+def stock_size_arguments(family, geometry) -> dict:
+  """The stock-call arguments the family sizes from the run's geometry (video: height, width, num_frames)."""
+  sizes = {"height": geometry.height, "width": geometry.width, "num_frames": geometry.frames}
+  return {k: sizes[k] for k in family.stock_size_keys}
 
 
 def exported_step_counts(config) -> tuple:
@@ -61,7 +67,8 @@ def export(config, workdir: str, student_params) -> str:
     base = jax.tree.map(lambda x: np.asarray(x, np.float32), trees[d.denoiser])
     student = jax.device_get(lora.merge(base, student, lora_cfg))
   total_steps = int(config.tdm.total_steps)
-  schedule = teacher_schedule(config, d, resolution(config, d))
+  geometry = run_geometry(config, d)
+  schedule = teacher_schedule(config, d, geometry)
   flow = schedule if schedule.continuous else None
   scheduler = student_io.scheduler_config(d.scheduler_config, total_steps, flow)
   bad = student_io.mismatched_counts(scheduler, total_steps, counts, flow)
@@ -71,6 +78,7 @@ def export(config, workdir: str, student_params) -> str:
   # What the stock call passes beyond the family's constant arguments: a changed T5 length.
   family = run_family(config, d)
   call = {k: v for k, v in family.stock_call if k not in dict(d.family.stock_call)}
+  call.update(stock_size_arguments(family, geometry))
   first = None
   for k in counts:
     params, config_k = student, d.denoiser_config_dict
@@ -83,6 +91,7 @@ def export(config, workdir: str, student_params) -> str:
     pipeline_io.export_pipeline(files, {d.denoiser: params} if first else {**trees, d.denoiser: params}, folder,
                                 d.write_component, components=d.model_components,
                                 configs={d.denoiser: config_k, "scheduler": scheduler}, shared_from=first)
-    student_io.write_metadata(folder, total_steps, [k] if unified else counts, flow, call=call)
+    student_io.write_metadata(folder, total_steps, [k] if unified else counts, flow, call=call,
+                              stock_call=dict(family.stock_call))
     first = first or folder
   return dest

@@ -1,25 +1,10 @@
-"""Prompt encoding per pipeline family (SD, SDXL, PixArt, SD3), as Diffusers' `encode_prompt` does it.
+"""Prompt encoding, as Diffusers' `encode_prompt` does it, for any pipeline family.
 
-A family is keyed by the pipeline class in `model_index.json` and says which text encoders' outputs
-make the denoiser's conditioning, how long its prompts are, what its negative branch is, and what a
-stock Diffusers call of an exported student needs beyond the prompts, the step count and the latents.
-
-- SD 1.5 / 2.x: one CLIP encoder; the UNet is conditioned on its last hidden state.
-- SDXL: two encoders (CLIP ViT-L and OpenCLIP bigG with projection); the UNet gets their penultimate
-  hidden states side by side (768 + 1280 = 2048), bigG's projected pooled embedding, and
-  `add_time_ids` (original size, crop top-left, target size).
-- PixArt-alpha / -Sigma: one T5 encoder, 120 (alpha) or 300 (Sigma) tokens with their attention mask
-  (caption cleaning off); the transformer also gets the image's resolution and aspect ratio, which
-  only the 1024-MS models read. Stock PixArt pipelines have no slot that turns guidance off, so their
-  call says guidance_scale=1 (and no resolution binning: the latents given are the size sampled).
-- SD3 / SD3.5: CLIP-L and CLIP-G with projection and T5 (text_encoder_3, optional). The CLIPs' penultimate
-  hidden states side by side (768 + 1280), zero-padded on features to T5's width (the transformer's
-  joint_attention_dim, 4096), then T5's last hidden state after them on the sequence axis (77 + 256
-  tokens); the pooled projections are the two CLIPs' projected pooled embeddings side by side (2048).
-  Both CLIPs take the first CLIP tokenizer's length; T5 takes `max_sequence_length` (256) tokens and,
-  as in Diffusers, no attention mask (nor does the transformer). Without text_encoder_3 its states
-  are zeros (batch, max_sequence_length, joint_attention_dim), as Diffusers makes them. No
-  force_zeros_for_empty_prompt and no guidance-off slot: the stock call says guidance_scale=1.
+A `PipelineFamily` (one per pipeline class; each denoiser family's module in `backbones/` holds its own:
+SD and SDXL beside the UNet, PixArt, SD3, CogVideoX) says which text encoders' outputs make the
+denoiser's conditioning, how long its prompts are, whether the denoiser reads their mask, what its
+negative branch is, and what a stock Diffusers call of an exported student needs beyond the prompts,
+the step count and the latents.
 
 Negative embeddings are zeros when the pipeline's `force_zeros_for_empty_prompt` says so and no
 negative prompt is given (SDXL); otherwise the negatives ("" by default) are encoded.
@@ -33,88 +18,12 @@ import dataclasses
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax.numpy as jnp
-import numpy as np
 
 from tdm_jax.convert import folders
 from tdm_jax.infra.errors import ConfigError
 from tdm_jax.tasks.diffusers import text_encoders
 
 PyTree = Any
-
-
-def sdxl_time_ids(batch: int, original_size=(1024, 1024), crop_top_left=(0, 0), target_size=(1024, 1024)):
-  """SDXL's micro-conditioning: (original h, w, crop top, left, target h, w) per sample."""
-  row = np.asarray(tuple(original_size) + tuple(crop_top_left) + tuple(target_size), np.float32)
-  return np.tile(row, (batch, 1))
-
-
-def sdxl_condition(encoder_outputs: Sequence[dict], time_ids) -> dict:
-  """SDXL's UNet conditioning from its text encoders' outputs, in pipeline order: the penultimate
-  hidden states concatenated on features, and the projected pooled embedding ("text_embeds") of the
-  first encoder that has a projection. A pure function, so training can differentiate through it."""
-  pooled = next((out["text_embeds"] for out in encoder_outputs if "text_embeds" in out), None)
-  if pooled is None:
-    raise ConfigError("SDXL needs a text encoder with projection (CLIPTextModelWithProjection) for the "
-                      "pooled embedding; none of this pipeline's encoders has one")
-  return {"encoder_hidden_states": jnp.concatenate([out["hidden_states"][-2] for out in encoder_outputs], axis=-1),
-          "text_embeds": pooled, "time_ids": jnp.asarray(time_ids)}
-
-
-def sd3_condition(encoder_outputs: Sequence[dict], batch: int, max_length: int,
-                  joint_attention_dim: Optional[int]) -> dict:
-  """SD3's transformer conditioning from its text encoders' outputs, in pipeline order (CLIP-L, CLIP-G,
-  then T5 when the pipeline has it), as `StableDiffusion3Pipeline.encode_prompt` makes it (clip_skip
-  None). Without T5, its states are zeros of (batch, max_length, joint_attention_dim). Pure."""
-  clips = [out for out in encoder_outputs if "hidden_states" in out]  # T5's outputs have no per-layer states
-  t5 = [out for out in encoder_outputs if "hidden_states" not in out]
-  if len(clips) != 2 or len(t5) > 1:
-    raise ConfigError(f"SD3 needs two CLIP text encoders and at most one T5; this pipeline's encoders give "
-                      f"{len(clips)} CLIP and {len(t5)} T5 outputs")
-  if any("text_embeds" not in out for out in clips):
-    raise ConfigError("SD3's pooled projections need both CLIP text encoders with projection "
-                      "(CLIPTextModelWithProjection)")
-  clip = jnp.concatenate([out["hidden_states"][-2] for out in clips], axis=-1)
-  if t5:
-    states = t5[0]["last_hidden_state"]
-    if joint_attention_dim is not None and states.shape[-1] != joint_attention_dim:
-      raise ConfigError(f"text_encoder_3 gives {states.shape[-1]} features but the transformer's "
-                        f"joint_attention_dim is {joint_attention_dim}")
-  elif joint_attention_dim is None:
-    raise ConfigError("an SD3 pipeline without text_encoder_3 needs the transformer's joint_attention_dim for "
-                      "T5's zero states; the family has none (PipelineFamily.for_pipeline fills it)")
-  else:
-    states = jnp.zeros((batch, max_length, joint_attention_dim), clip.dtype)
-  # torch.nn.functional.pad to T5's width: zeros on the right (a negative pad, never in real models, crops).
-  width = states.shape[-1]
-  if clip.shape[-1] <= width:
-    clip = jnp.pad(clip, ((0, 0), (0, 0), (0, width - clip.shape[-1])))
-  else:
-    clip = clip[..., :width]
-  return {"encoder_hidden_states": jnp.concatenate([clip, states], axis=1),
-          "pooled_projections": jnp.concatenate([out["text_embeds"] for out in clips], axis=-1)}
-
-
-def _sd(family, outputs, tokens, batch, image_size):
-  del family, tokens, batch, image_size
-  return {"encoder_hidden_states": outputs[0]["last_hidden_state"]}
-
-
-def _sdxl(family, outputs, tokens, batch, image_size):
-  del family, tokens
-  return sdxl_condition(outputs, sdxl_time_ids(batch, image_size, (0, 0), image_size))
-
-
-def _sd3(family, outputs, tokens, batch, image_size):
-  del tokens, image_size
-  return sd3_condition(outputs, batch, family.max_length, family.joint_attention_dim)
-
-
-def _pixart(family, outputs, tokens, batch, image_size):
-  del family
-  height, width = image_size
-  return {"encoder_hidden_states": outputs[0]["last_hidden_state"], "encoder_attention_mask": tokens[0]["mask"],
-          "resolution": jnp.tile(jnp.asarray([[height, width]], jnp.float32), (batch, 1)),
-          "aspect_ratio": jnp.full((batch, 1), height / width, jnp.float32)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +50,9 @@ class PipelineFamily:
   kept_in_zeros: tuple = ()
   stock_load: tuple = ()  # (key, value) pairs for DiffusionPipeline.from_pretrained
   stock_call: tuple = ()  # (key, value) pairs for the stock call of an exported student
+  # Stock-call arguments the run's latent geometry fills ("height", "width", "num_frames"): video pipelines
+  # size their positions and frames from them, not from the latents they are given.
+  stock_size_keys: tuple = ()
 
   def condition(self, outputs: Sequence[dict], tokens: list, batch: int, image_size) -> dict:
     """The denoiser's cond from the encoders' outputs (pipeline order) and their tokens: pure, jittable."""
@@ -152,11 +64,13 @@ class PipelineFamily:
 
   def for_pipeline(self, index: Mapping[str, Any], denoiser_config: Mapping[str, Any]) -> "PipelineFamily":
     """This family for one pipeline folder: its denoiser's numbers the family reads (SD3's
-    joint_attention_dim), and its absent optional components as None in the stock load (Diffusers
-    refuses a folder whose index says [null, null] unless told so)."""
+    joint_attention_dim; CogVideoX's text length, which its stock call then passes), and its absent
+    optional components as None in the stock load (Diffusers refuses a folder whose index says
+    [null, null] unless told so)."""
     fields = {f: denoiser_config.get(key, default) for f, key, default in self.denoiser_fields}
     absent = tuple((name, None) for name in self.optional_components if not _listed(index, name))
-    return dataclasses.replace(self, **fields, stock_load=_updated(self.stock_load, absent))
+    family = dataclasses.replace(self, **fields, stock_load=_updated(self.stock_load, absent))
+    return family.with_max_length(int(fields["max_length"])) if "max_length" in fields else family
 
   def with_max_length(self, max_length: int) -> "PipelineFamily":
     """This family with T5 prompts of `max_length` tokens; the stock call of its exported students
@@ -186,35 +100,6 @@ def _updated(pairs: tuple, new: tuple) -> tuple:
 def _listed(index: Mapping[str, Any], name: str) -> bool:
   entry = index.get(name)
   return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
-
-
-SD = PipelineFamily("sd", _sd, "one CLIP text encoder")
-SDXL = PipelineFamily("sdxl", _sdxl, "CLIP text encoders, one with projection", needs_projection=True,
-                      kept_in_zeros=("time_ids",), stock_load=(("add_watermarker", False),))
-_PIXART_CALL = (("guidance_scale", 1.0), ("use_resolution_binning", False), ("clean_caption", False))
-PIXART_ALPHA = PipelineFamily("pixart", _pixart, "one T5 text encoder", max_length=120, uses_mask=True,
-                              kept_in_zeros=("encoder_attention_mask", "resolution", "aspect_ratio"),
-                              stock_length_key="max_sequence_length", stock_call=_PIXART_CALL)
-PIXART_SIGMA = dataclasses.replace(PIXART_ALPHA, max_length=300)
-SD3 = PipelineFamily("sd3", _sd3, "CLIP text encoders with projection in text_encoder and text_encoder_2, and "
-                     "optionally a T5 in text_encoder_3", max_length=256,
-                     projections=("text_encoder", "text_encoder_2"), shared_clip_length=True,
-                     optional_components=("text_encoder_3", "tokenizer_3"),
-                     denoiser_fields=(("joint_attention_dim", "joint_attention_dim", 4096),),
-                     stock_length_key="max_sequence_length", stock_call=(("guidance_scale", 1.0),))
-
-# Pipeline classes by prefix, the first match wins (Diffusers' img2img / inpaint variants encode prompts as
-# their base does).
-FAMILIES = (("StableDiffusionXL", SDXL), ("StableDiffusion3", SD3), ("StableDiffusion", SD),
-            ("PixArtSigma", PIXART_SIGMA), ("PixArtAlpha", PIXART_ALPHA))
-
-
-def family_for(pipeline_class: str) -> PipelineFamily:
-  for prefix, family in FAMILIES:
-    if pipeline_class.startswith(prefix):
-      return family
-  raise ConfigError(f"model_index.json names the pipeline class {pipeline_class!r}; tdm_jax encodes prompts for "
-                    f"{', '.join(p + '*' for p, _ in FAMILIES)} pipelines")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,10 +157,9 @@ class PromptEncoder:
                        max_length: Optional[int] = None) -> "PromptEncoder":
     """The prompt path of pipeline description `d` over its converted `trees` (no second read of weights);
     image_size defaults to the denoiser's own resolution, max_length (T5's tokens) to the family's."""
-    side = d.default_resolution()
     family = d.family if max_length is None else d.family.with_max_length(max_length)
     return cls(family, encoder_modules(d, dtype, trees=trees), d.force_zeros_for_empty_prompt,
-               tuple(image_size or (side, side)))
+               tuple(image_size or d.geometry().image_size))
 
   @property
   def kind(self) -> str:

@@ -40,7 +40,7 @@ from tdm_jax.infra.errors import ConfigError
 from tdm_jax.models.pixart import PixArtConfig, PixArtTransformer2DModel, pixart_alpha_init
 from tdm_jax.models.t5 import T5Config, T5Encoder
 from tdm_jax.models.vae import AutoencoderKL, VAEConfig
-from tdm_jax.tasks.diffusers import prompts as pipeline_prompts
+from tdm_jax.tasks.diffusers.backbones.pixart import PIXART_ALPHA
 from tdm_jax.tasks.diffusers import text_encoders
 from tdm_jax.tasks.diffusers.description import describe
 from tdm_jax.tasks.shapes import data as shapes_data
@@ -50,7 +50,7 @@ PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__
 SHIPPED_PIPELINE = os.path.join(PACKAGE_DIR, "assets", "shapes_pixart", "pipeline")
 DIFFUSERS_VERSION = sdxl_teacher.DIFFUSERS_VERSION
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"  # T5's spiece ids 0, 1, 2
-MAX_LENGTH = pipeline_prompts.PIXART_ALPHA.max_length  # what PixArtAlphaPipeline encodes (120 tokens)
+MAX_LENGTH = PIXART_ALPHA.max_length  # what PixArtAlphaPipeline encodes (120 tokens)
 
 
 # ---- the tokenizer -------------------------------------------------------------------------------
@@ -170,7 +170,7 @@ class Denoiser:
   def condition(self, params, ids, mask) -> dict:
     states = self.encoder.apply({"params": params["text_encoder"]}, jnp.asarray(ids), jnp.asarray(mask))
     tokens = [{"ids": jnp.asarray(ids), "mask": jnp.asarray(mask)}]
-    return pipeline_prompts.PIXART_ALPHA.condition([{"last_hidden_state": states}], tokens, ids.shape[0],
+    return PIXART_ALPHA.condition([{"last_hidden_state": states}], tokens, ids.shape[0],
                                                    self.image_size)
 
   @staticmethod

@@ -15,7 +15,7 @@ the stages below in order; each resumes from its own checkpoints:
      the encoding of "" (what SD3 pipelines feed the unconditional branch). The EMA ships.
   3. `pipeline/`: the Diffusers folder with FlowMatchEulerDiscreteScheduler (shift `schedule.shift`).
 
-Prompts go through SD3's own encoding (`prompts.SD3`): the CLIP pair's penultimate states joined to
+Prompts go through SD3's own encoding (`backbones.mmdit.SD3`): the CLIP pair's penultimate states joined to
 T5's tokens. The T5 states are `text.max_sequence_length` tokens (not SD3's 256: the captions are
 short, and SD3 feeds T5's padding to the transformer unmasked, so the length the teacher is trained
 at is the length every call must use; exports and the evaluation pass it as `max_sequence_length`).

@@ -43,7 +43,7 @@ from tdm_jax.infra.files import atomic_write_bytes
 from tdm_jax.models.clip import ClipConfig, CLIPTextEncoder
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
 from tdm_jax.models.vae import AutoencoderKL, VAEConfig
-from tdm_jax.tasks.diffusers import prompts as pipeline_prompts
+from tdm_jax.tasks.diffusers.backbones.unet import sdxl_condition, sdxl_time_ids
 from tdm_jax.tasks.diffusers.description import describe
 from tdm_jax.tasks.shapes import data as shapes_data
 from tdm_jax.tasks.shapes import evaluator
@@ -260,7 +260,7 @@ class Denoiser:
     self.vae = AutoencoderKL(VAEConfig.from_dict(vae_config(config, scaling_factor)))
     self.schedule = make_schedule(**config.schedule)
     size = config.shapes.image_size
-    self.time_ids = pipeline_prompts.sdxl_time_ids(1, (size, size), (0, 0), (size, size))
+    self.time_ids = sdxl_time_ids(1, (size, size), (0, 0), (size, size))
 
   def init(self, key):
     ids = jnp.zeros((1, self.config.text.max_length), jnp.int32)
@@ -278,7 +278,7 @@ class Denoiser:
   def condition(self, params, ids) -> dict:
     outputs = [enc.apply({"params": params[name]}, ids)
                for name, enc in zip(("text_encoder", "text_encoder_2"), self.encoders)]
-    return pipeline_prompts.sdxl_condition(outputs, jnp.tile(self.time_ids, (ids.shape[0], 1)))
+    return sdxl_condition(outputs, jnp.tile(self.time_ids, (ids.shape[0], 1)))
 
   def unet_apply(self, unet_params, x_t, t, cond):
     return self.unet.apply({"params": unet_params}, x_t, t, cond["encoder_hidden_states"],

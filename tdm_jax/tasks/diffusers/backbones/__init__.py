@@ -1,22 +1,29 @@
-"""The denoiser families a Diffusers pipeline can hold, as plug-ins: one `Backbone` per class.
+"""The model families a Diffusers pipeline can hold, as plug-ins: one module per denoiser class.
 
 A pipeline's `model_index.json` names its denoiser's Diffusers class (`UNet2DConditionModel`,
 `PixArtTransformer2DModel`, ...); `for_class` finds the family registered for it. A family says
-everything the rest of the task needs of its denoiser, so that conversion, training, export and
-evaluation never ask which network they hold: how its config is read (refusing keys it does not
-implement), its Flax module and apply function, its abstract parameters, the latent shape and the
-resolution multiple, its LoRA targets, where a unified student's step count K enters and how it
-folds into an exported folder, and what makes an exported student sample right in stock Diffusers.
+everything the rest of the task needs, so that conversion, training, export and evaluation never ask
+which network they hold: how its denoiser's config is read (refusing keys it does not implement), its
+Flax module and apply function, its abstract parameters, its latent geometry (image or video latents,
+the default size and frames, the patch that sets the pixel multiple and the token count), its LoRA
+targets, where a unified student's step count K enters and how it folds into an exported folder, what
+makes an exported student sample right in stock Diffusers, and its pipelines' prompt encoding
+(`pipelines`: a `prompts.PipelineFamily` per pipeline class). The VAE and the text encoders are kinds
+of their own, found by the class the folder names (`vaes.py`, `text_encoders.py`).
 
 A new family is one model file (`models/`), one converter (`convert/`), one module here with its
-`BACKBONE`, and one line in `FAMILIES`.
+`BACKBONE`, and one line in `FAMILIES`; a new VAE kind one model file, one converter and one line in
+`vaes.KINDS`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from typing import Any, Callable, Mapping, Optional, Tuple
+
+import numpy as np
 
 from tdm_jax.infra.errors import ConfigError
 
@@ -27,6 +34,7 @@ FAMILIES = {
     "UNet2DConditionModel": "tdm_jax.tasks.diffusers.backbones.unet",
     "PixArtTransformer2DModel": "tdm_jax.tasks.diffusers.backbones.pixart",
     "SD3Transformer2DModel": "tdm_jax.tasks.diffusers.backbones.mmdit",
+    "CogVideoXTransformer3DModel": "tdm_jax.tasks.diffusers.backbones.cogvideox",
 }
 
 
@@ -58,8 +66,8 @@ class Backbone:
   params_from_state_dict: Callable[[Mapping[str, Any], Any], PyTree]
   state_dict_from_params: Callable[[PyTree, Any], dict]
   in_channels: Callable[[Any], int]
-  sample_size: Callable[[Any], int]  # the latent side the model was trained at
-  downsampling: Callable[[Any], int]  # the latent side must be a multiple of this
+  sample_size: Callable[[Any], Tuple[int, int]]  # the latent (height, width) the model was trained at
+  downsampling: Callable[[Any], int]  # the latent height and width must be multiples of this
   lora_targets: Tuple[str, ...]
   step_table: str
   with_step_embeds: Callable[[Any, int], Any]
@@ -67,6 +75,37 @@ class Backbone:
   guidance_free: Callable[[PyTree, Mapping[str, Any]], Tuple[PyTree, dict]]
   write_lora: Optional[Callable[..., None]] = None
   weights_name: str = "diffusion_pytorch_model.safetensors"
+  # Video denoisers: the pixel frames per clip the model was trained at (None: an image denoiser). Their
+  # latents are (frames, channels, height, width) per sample (`geometry.LatentGeometry`).
+  sample_frames: Optional[Callable[[Any], int]] = None
+  # (pipeline class prefix, prompts.PipelineFamily) of the pipelines that hold this denoiser; Diffusers'
+  # img2img / inpaint variants encode prompts as their base does, so a prefix serves them all.
+  pipelines: Tuple[Tuple[str, Any], ...] = ()
+  # check_family(config, family): refuses, in one line, a run's prompt family (its T5 length) that the
+  # denoiser cannot take; None: any.
+  check_family: Optional[Callable[[Any, Any], None]] = None
+
+
+def peft_lora_writer(layout, step_table_name: str) -> Callable[..., None]:
+  """A `Backbone.write_lora` for transformer families whose pipelines load Diffusers (PEFT) LoRA files
+  (`convert/lora.py`, `layout` the family's names): `lora/` holds the adapters as
+  `transformer.<module>.lora_A/B.weight`, what the pipeline's `load_lora_weights` reads; a unified
+  student's `lora_{K}step/` holds, per K, row K of its step table (`step_table_name`) as the `lora_B.bias`
+  of a rank-1 adapter of its own on the layout's step module (`lora_io.save_step_lora`), loaded beside
+  `lora/` with `set_adapters` at weight 1. No kohya file: kohya / SGM names exist for UNets only."""
+  from tdm_jax.convert import lora as lora_io  # pylint: disable=g-import-not-at-top
+  from tdm_jax.convert.errors import ConversionError  # pylint: disable=g-import-not-at-top
+
+  def write_lora(dest: str, pairs, full, lora_cfg, config_dict, step_counts, unified: bool) -> None:
+    lora_io.save_lora(os.path.join(dest, "lora"), pairs, lora_cfg, config_dict, layout=layout)
+    if unified:
+      table = np.asarray(full[(step_table_name, "embedding")], np.float32)
+      for k in step_counts:
+        if not 0 <= k < table.shape[0]:
+          raise ConversionError(f"the student's step table has rows 0..{table.shape[0] - 1}; cannot write K={k}")
+        lora_io.save_step_lora(os.path.join(dest, f"lora_{k}step"), table[k], config_dict, layout=layout)
+
+  return write_lora
 
 
 def for_class(class_name: str) -> Backbone:
@@ -75,6 +114,19 @@ def for_class(class_name: str) -> Backbone:
     raise ConfigError(f"the pipeline's denoiser is a {class_name}, which tdm_jax does not distil; supported "
                       f"denoisers: {', '.join(sorted(FAMILIES))}")
   return importlib.import_module(FAMILIES[class_name]).BACKBONE
+
+
+def pipeline_family(pipeline_class: str):
+  """The prompt family of a pipeline class: the registered pipeline prefix that matches it, longest first
+  (StableDiffusionXL before StableDiffusion), or one line naming the supported ones."""
+  prefixes = sorted(((prefix, family) for module in FAMILIES.values()
+                     for prefix, family in importlib.import_module(module).BACKBONE.pipelines),
+                    key=lambda pair: -len(pair[0]))
+  for prefix, family in prefixes:
+    if pipeline_class.startswith(prefix):
+      return family
+  raise ConfigError(f"model_index.json names the pipeline class {pipeline_class!r}; tdm_jax encodes prompts for "
+                    f"{', '.join(sorted(p + '*' for p, _ in prefixes))} pipelines")
 
 
 def denoiser_component(index: Mapping[str, Any]) -> Tuple[str, str]:

@@ -7,18 +7,40 @@ variance; TDM uses the epsilon, as Diffusers' pipelines do. A unified student's 
 table added to the timestep embedding (ours: PixArt has no class slot), which folds exactly into
 `adaln_single.emb.timestep_embedder.linear_2`'s bias. PixArt pipelines have no slot that turns
 classifier-free guidance off and load no LoRA files: students ship as merged folders, sampled with
-guidance_scale=1 (`prompts.PIXART_ALPHA.stock_call`).
+guidance_scale=1 (`PIXART_ALPHA.stock_call`).
+
+Prompts: one T5 encoder, 120 (alpha) or 300 (Sigma) tokens with their attention mask (caption cleaning
+off); the transformer also gets the image's resolution and aspect ratio, which only the 1024-MS
+models read. The stock call says no resolution binning: the latents given are the size sampled.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
 from tdm_jax.convert import pixart as pixart_io
 from tdm_jax.core import lora
 from tdm_jax.infra.errors import ConfigError
 from tdm_jax.models.pixart import PixArtConfig, PixArtTransformer2DModel
 from tdm_jax.tasks.diffusers.backbones import Backbone
+from tdm_jax.tasks.diffusers.prompts import PipelineFamily
+
+
+def _pixart(family, outputs, tokens, batch, image_size):
+  del family
+  height, width = image_size
+  return {"encoder_hidden_states": outputs[0]["last_hidden_state"], "encoder_attention_mask": tokens[0]["mask"],
+          "resolution": jnp.tile(jnp.asarray([[height, width]], jnp.float32), (batch, 1)),
+          "aspect_ratio": jnp.full((batch, 1), height / width, jnp.float32)}
+
+
+_PIXART_CALL = (("guidance_scale", 1.0), ("use_resolution_binning", False), ("clean_caption", False))
+PIXART_ALPHA = PipelineFamily("pixart", _pixart, "one T5 text encoder", max_length=120, uses_mask=True,
+                              kept_in_zeros=("encoder_attention_mask", "resolution", "aspect_ratio"),
+                              stock_length_key="max_sequence_length", stock_call=_PIXART_CALL)
+PIXART_SIGMA = dataclasses.replace(PIXART_ALPHA, max_length=300)
 
 
 def pixart_apply(model: PixArtTransformer2DModel):
@@ -53,11 +75,12 @@ BACKBONE = Backbone(
     params_from_state_dict=pixart_io.pixart_params_from_state_dict,
     state_dict_from_params=pixart_io.pixart_state_dict_from_params,
     in_channels=lambda config: config.in_channels,
-    sample_size=lambda config: config.sample_size,
+    sample_size=lambda config: (config.sample_size, config.sample_size),
     downsampling=lambda config: config.patch_size,
     lora_targets=lora.DEFAULT_TARGETS,  # attn1 / attn2 projections and the feed-forward, as the UNet's blocks
     step_table=pixart_io.STEP_EMBEDDING,
     with_step_embeds=with_step_embeds,
     fold_steps=pixart_io.fold_step_embedding,
     guidance_free=lambda params, config: (params, dict(config)),
+    pipelines=(("PixArtSigma", PIXART_SIGMA), ("PixArtAlpha", PIXART_ALPHA)),
 )
