@@ -7,7 +7,8 @@ The paper's video result: CogVideoX-2B distilled to 4 NFE beats its teacher on V
 the authors released that student as a LoRA. Here: K = 4 on the "trailing" grid 999 / 749 / 499 / 249
 (S = 1000), which a stock `CogVideoXPipeline` call reproduces (`scheduler.set_timesteps(4)` on the
 exported CogVideoXDDIMScheduler); the authors sampled their LoRA on 999 / 856 / 665 / 399, which no stock
-CogVideoX scheduler can be told. The teacher's CFG is 6, the pipeline's default. The adapters (rank 64,
+CogVideoX scheduler can be told: `--config.tdm.student_timesteps='(999,856,665,399)'` trains on that grid,
+sampled by our sampler (the export then warns that stock calls cannot reproduce it). The teacher's CFG is 6, the pipeline's default. The adapters (rank 64,
 alpha 64: ours, the paper gives no rank) sit on the attention projections to_q / to_k / to_v / to_out, as
 Diffusers' CogVideoX LoRA training places them; `--config.model.lora_rank=0` trains full float32
 copies instead. The learning rates (student 1e-5, fake score 5e-5: the paper's SDXL ratio), the batch

@@ -33,7 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
       min_timestep=20, upper_margin=10, mid_margin=20, min_snr_gamma=5.0, importance_weighting=True,
       loss_type="huber", huber_c=1e-3, huber_norm_coef=0.00054, normalizer_floor=1e-8,
       step_choices=(), step_weights=(), condition_fake_on_segment=False,
-      student_shift=0.0))  # flow teachers: the student's grid warp k (0: the teacher's shift)
+      student_shift=0.0,  # flow teachers: the student's grid warp k (0: the teacher's shift)
+      # VP teachers: the K-step student's timesteps given outright, highest first (the TDM authors'
+      # CogVideoX-2B LoRA: (999, 856, 665, 399)), for K = their count; () or other K: the rule above.
+      student_timesteps=()))
 
   # AdamW (betas 0, 0.95) for both networks; the student at lr / 5 with warm-up + cosine.
   config.optim = ml_collections.ConfigDict(dict(

@@ -95,3 +95,41 @@ def test_exported_scheduler_gives_student_timesteps(total_steps):
   for k in (1, 2, 4):
     stock.set_timesteps(k)
     np.testing.assert_array_equal(stock.timesteps.numpy(), tdm.student_timesteps(total_steps, k))
+
+
+AUTHORS_GRID = (999, 856, 665, 399)  # the TDM authors' CogVideoX-2B LoRA
+
+
+def test_student_timesteps_given_outright():
+  """tdm.student_timesteps sets K = 4's grid (the traced grid of unified TDM agrees); other K keep the rule."""
+  cfg = tdm.TDMConfig(total_steps=1000, step_choices=(1, 2, 4), student_timesteps=AUTHORS_GRID)
+  schedule = cfg.student_schedule(from_diffusers_config(COGVIDEOX_2B))
+  np.testing.assert_array_equal(tdm.student_timesteps(1000, 4, schedule), AUTHORS_GRID)
+  np.testing.assert_array_equal(tdm.interval_lower_ends(1000, 4, schedule), [857, 666, 400, 0])
+  np.testing.assert_array_equal(tdm.student_timesteps(1000, 2, schedule), [999, 499])
+  for k in (1, 2, 4):
+    taus, nxt, lows = jax.jit(lambda k: tdm.step_grid(1000, k, 4, schedule))(k)
+    np.testing.assert_array_equal(taus[:k], tdm.student_timesteps(1000, k, schedule))
+    np.testing.assert_array_equal(lows[:k], tdm.interval_lower_ends(1000, k, schedule))
+    assert int(nxt[k - 1]) == -1
+  # Draws stay inside the given intervals.
+  seg = tdm.draw_segments(jax.random.PRNGKey(0), 256, 1000, 4, schedule=schedule)
+  draws = tdm.draw_sample(jax.random.PRNGKey(1), cfg, seg, (256, 2))
+  assert bool(jnp.all((draws.t >= jnp.maximum(cfg.min_timestep, seg.m_k)) & (draws.t < seg.t_k - cfg.upper_margin)))
+  # A stock CogVideoX scheduler cannot be told these timesteps: the export says so, our sampler keeps them.
+  exported = student_io.scheduler_config(COGVIDEOX_2B, 1000, schedule)
+  assert student_io.mismatched_counts(exported, 1000, (1, 2, 4), schedule) == [4]
+
+
+@pytest.mark.parametrize("grid, match", [((999, 856, 665), "3-step grid"), ((999, 665, 856, 399), "falling order"),
+                                         ((1000, 856, 665, 399), r"\[0, tdm.total_steps=1000\)"),
+                                         ((999, 856, 665, 25), "min_timestep")])
+def test_bad_student_timesteps_are_refused(grid, match):
+  with pytest.raises(ConfigError, match=match):
+    tdm.TDMConfig(total_steps=1000, num_student_steps=4, student_timesteps=grid)
+
+
+def test_student_timesteps_on_a_flow_teacher_are_refused():
+  from tdm_jax.core.schedules import FlowSchedule  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match="tdm.student_shift"):
+    tdm.TDMConfig(total_steps=1000, student_timesteps=AUTHORS_GRID).student_schedule(FlowSchedule(shift=3.0))

@@ -61,8 +61,7 @@ def flow_scheduler_config(teacher: Mapping[str, Any], schedule: FlowSchedule) ->
   return out
 
 
-def scheduler_config(teacher: Mapping[str, Any], total_steps: Optional[int] = None,
-                     schedule: Optional[FlowSchedule] = None) -> dict:
+def scheduler_config(teacher: Mapping[str, Any], total_steps: Optional[int] = None, schedule=None) -> dict:
   """The student's DDIMScheduler config: the teacher's noise schedule, the student's step grid (a flow
   teacher's: `flow_scheduler_config`, with the training `schedule`).
 
@@ -103,9 +102,10 @@ def ddim_timesteps(config: Mapping[str, Any], num_steps: int) -> Tuple[np.ndarra
   return ts, np.where(lands < 0, -1, lands)
 
 
-def student_grid(total_steps: int, num_steps: int) -> Tuple[np.ndarray, np.ndarray]:
-  """(timesteps, landing points) of our student sampler: tau_j, then tau_{j+1}, the last -1 (x0)."""
-  ts = tdm.student_timesteps(total_steps, num_steps).astype(np.int64)
+def student_grid(total_steps: int, num_steps: int, schedule=None) -> Tuple[np.ndarray, np.ndarray]:
+  """(timesteps, landing points) of our student sampler: tau_j, then tau_{j+1}, the last -1 (x0); a
+  `schedule` given its student timesteps outright (`tdm.student_timesteps`) lands on those."""
+  ts = tdm.student_timesteps(total_steps, num_steps, schedule).astype(np.int64)
   return ts, np.append(ts[1:], -1)
 
 
@@ -128,14 +128,15 @@ def flow_stock_timesteps(config: Mapping[str, Any], num_steps: int) -> np.ndarra
 
 
 def mismatched_counts(config: Mapping[str, Any], total_steps: int, step_counts: Sequence[int],
-                      schedule: Optional[FlowSchedule] = None) -> list:
+                      schedule=None) -> list:
   """The step counts K at which a stock call with this scheduler config would not sample the student (for
-  a flow scheduler, called with `stock_sigmas(K)`; `schedule` the training one)."""
+  a flow scheduler, called with `stock_sigmas(K)`; `schedule` the training one, whose student grid it is)."""
   if is_flow(config):
     want = lambda k: tdm.student_timesteps(total_steps, k, schedule)
     return [int(k) for k in step_counts
             if not np.allclose(flow_stock_timesteps(config, k), want(k), rtol=1e-5, atol=1e-3)]
-  same = lambda k: all(np.array_equal(a, b) for a, b in zip(student_grid(total_steps, k), ddim_timesteps(config, k)))
+  same = lambda k: all(np.array_equal(a, b) for a, b in zip(student_grid(total_steps, k, schedule),
+                                                             ddim_timesteps(config, k)))
   return [int(k) for k in step_counts if not (_plain_ddim(config) and same(k))]
 
 
@@ -150,7 +151,7 @@ def guidance_note(stock_call: Mapping[str, Any], flow: bool) -> str:
 
 
 def write_metadata(folder: str, total_steps: int, step_counts: Sequence[int],
-                   schedule: Optional[FlowSchedule] = None, call: Optional[Mapping[str, Any]] = None,
+                   schedule=None, call: Optional[Mapping[str, Any]] = None,
                    stock_call: Mapping[str, Any] = ()) -> None:
   """tdm_student.json; `call`: arguments every stock call of the folder must pass (e.g. a T5 length);
   `stock_call`: the family's constant stock-call arguments, for the guidance note."""
@@ -163,7 +164,8 @@ def write_metadata(folder: str, total_steps: int, step_counts: Sequence[int],
                            for k in step_counts},
                 sigmas={str(k): stock_sigmas(k) for k in step_counts})
   else:
-    info.update(timesteps={str(k): [int(t) for t in tdm.student_timesteps(total_steps, k)] for k in step_counts})
+    info.update(timesteps={str(k): [int(t) for t in tdm.student_timesteps(total_steps, k, schedule)]
+                           for k in step_counts})
   info["guidance"] = guidance_note(dict(stock_call), flow)
   with open(os.path.join(folder, METADATA), "w") as f:
     json.dump(info, f, indent=2)

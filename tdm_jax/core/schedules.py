@@ -45,6 +45,9 @@ class Schedule:
     alphas_cumprod: jax.Array  # (N,) float32
     prediction_type: str = flax.struct.field(pytree_node=False)
     num_train_timesteps: int = flax.struct.field(pytree_node=False)
+    # The distilled student's timesteps given outright (highest first) for K = their count; () for the
+    # rule S - 1 - j S / K (`tdm.student_timesteps`). Set by `TDMConfig.student_schedule`.
+    student_timesteps: tuple = flax.struct.field(pytree_node=False, default=())
 
     continuous = False  # integer timesteps
     timestep_dtype = jnp.int32

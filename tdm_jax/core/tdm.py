@@ -55,6 +55,7 @@ class TDMConfig:
   step_weights: tuple = ()  # relative odds of each of step_choices (empty: uniform)
   condition_fake_on_segment: bool = False  # fake score gets `segment=k` (meant for "shared" mode)
   student_shift: float = 0.0  # flow teachers: the student's grid is shift((K - j) / K) with this k (0: the teacher's)
+  student_timesteps: tuple = ()  # VP teachers: the grid of K = len outright, highest first (other K: the rule)
 
   def __post_init__(self):
     if self.step_weights and (len(self.step_weights) != len(self.step_choices)
@@ -65,7 +66,21 @@ class TDMConfig:
       raise ConfigError(f"tdm.loss_type={self.loss_type!r}; expected one of {LOSS_TYPES}")
     if self.interval_mode not in INTERVAL_MODES:
       raise ConfigError(f"tdm.interval_mode={self.interval_mode!r}; expected one of {INTERVAL_MODES}")
+    grid = tuple(self.student_timesteps)
+    if grid:
+      if len(grid) not in self.all_step_counts:
+        raise ConfigError(f"tdm.student_timesteps={grid} is a {len(grid)}-step grid, but the student trains for "
+                          f"K in {self.all_step_counts}; give one of those many timesteps or leave it empty")
+      lows = grid[1:] + (-1,)
+      if (any(not 0 <= t < self.total_steps for t in grid) or any(a <= b for a, b in zip(grid, grid[1:]))
+          or any(t - self.upper_margin <= max(self.min_timestep, low + 1) for t, low in zip(grid, lows))
+          or (self.random_mid and any(t - self.mid_margin <= low + 1 for t, low in zip(grid, lows)))):
+        raise ConfigError(f"tdm.student_timesteps={grid} must be integers in [0, tdm.total_steps={self.total_steps}) "
+                          f"in falling order, each above the next by more than upper_margin={self.upper_margin} "
+                          f"and above min_timestep={self.min_timestep} + upper_margin")
     for k in self.all_step_counts:
+      if grid and k == len(grid):
+        continue
       width = self.total_steps // k
       # The narrowest draw, t ~ U[max(min_timestep, m_k), t_k - upper_margin), must be non-empty.
       # With random_mid, m ~ U[m_k, t_k - mid_margin) must be non-empty and stay below t_k - upper_margin.
@@ -78,7 +93,13 @@ class TDMConfig:
             f"raise total_steps or change the margins")
 
   def student_schedule(self, schedule):
-    """The teacher's schedule with this config's student grid (`student_shift`; flow schedules only)."""
+    """The teacher's schedule with this config's student grid: `student_shift` (flow schedules) or
+    `student_timesteps` (variance-preserving ones)."""
+    if self.student_timesteps:
+      if schedule.continuous:
+        raise ConfigError(f"tdm.student_timesteps={tuple(self.student_timesteps)} gives a variance-preserving "
+                          f"grid outright; this teacher is a rectified flow: set tdm.student_shift instead")
+      return schedule.replace(student_timesteps=tuple(int(t) for t in self.student_timesteps))
     if not self.student_shift:
       return schedule
     if not schedule.continuous:
@@ -92,6 +113,7 @@ class TDMConfig:
     values = dict(config)
     values["step_choices"] = tuple(int(k) for k in values.get("step_choices", ()))
     values["step_weights"] = tuple(float(w) for w in values.get("step_weights", ()))
+    values["student_timesteps"] = tuple(int(t) for t in values.get("student_timesteps", ()))
     return cls(**values)
 
   @property
@@ -107,6 +129,11 @@ def _flow(schedule) -> bool:
   return schedule is not None and schedule.continuous
 
 
+def _given_grid(schedule) -> tuple:
+  """The student timesteps a VP schedule was given outright (`TDMConfig.student_timesteps`), or ()."""
+  return tuple(getattr(schedule, "student_timesteps", ()) or ()) if schedule is not None else ()
+
+
 def student_timesteps(total_steps: int, num_steps: int, schedule=None) -> np.ndarray:
   """tau_j = S - 1 - j S / K for j = 0..K-1, highest first (S=800, K=4: 799 599 399 199); on a flow
   schedule tau_j = N shift((K - j) / K) as float32 (shift 3, K=4: 1000 900 750 500), S unused."""
@@ -114,6 +141,9 @@ def student_timesteps(total_steps: int, num_steps: int, schedule=None) -> np.nda
     # float32 throughout, as `step_grid` computes the same points under jit and a stock scheduler its sigmas
     u = (np.float32(num_steps) - np.arange(num_steps, dtype=np.float32)) / np.float32(num_steps)
     return np.asarray(np.float32(schedule.num_train_timesteps) * schedule.student_sigma(u), np.float32)
+  given = _given_grid(schedule)
+  if len(given) == num_steps:
+    return np.asarray(given, np.int32)
   return np.array([total_steps - 1 - (j * total_steps) // num_steps for j in range(num_steps)],
                   dtype=np.int32)
 
@@ -271,6 +301,11 @@ def step_grid(total_steps: int, num_steps, length: int, schedule=None):
     return taus, jnp.where(last, -1.0, below), jnp.where(last, 0.0, below)
   taus = total_steps - 1 - (j * total_steps) // num_steps
   below = total_steps - 1 - ((j + 1) * total_steps) // num_steps
+  given = _given_grid(schedule)
+  if given:  # K = len(given) takes the given grid, any other K the rule
+    padded = jnp.asarray(given + (0,) * (length + 1 - len(given)), jnp.int32)[:length + 1]
+    use = jnp.asarray(num_steps) == len(given)
+    taus, below = jnp.where(use, padded[:length], taus), jnp.where(use, padded[1:], below)
   return taus, jnp.where(last, -1, below), jnp.where(last, 0, below + 1)
 
 

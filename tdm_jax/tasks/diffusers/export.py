@@ -69,9 +69,8 @@ def export(config, workdir: str, student_params) -> str:
   total_steps = int(config.tdm.total_steps)
   geometry = run_geometry(config, d)
   schedule = teacher_schedule(config, d, geometry)
-  flow = schedule if schedule.continuous else None
-  scheduler = student_io.scheduler_config(d.scheduler_config, total_steps, flow)
-  bad = student_io.mismatched_counts(scheduler, total_steps, counts, flow)
+  scheduler = student_io.scheduler_config(d.scheduler_config, total_steps, schedule)
+  bad = student_io.mismatched_counts(scheduler, total_steps, counts, schedule)
   if bad:
     logging.warning("tdm.total_steps=%d: a stock Diffusers scheduler cannot give the student's timesteps at %s "
                     "steps; the exported pipeline samples right only with our sampler", total_steps, bad)
@@ -91,7 +90,7 @@ def export(config, workdir: str, student_params) -> str:
     pipeline_io.export_pipeline(files, {d.denoiser: params} if first else {**trees, d.denoiser: params}, folder,
                                 d.write_component, components=d.model_components,
                                 configs={d.denoiser: config_k, "scheduler": scheduler}, shared_from=first)
-    student_io.write_metadata(folder, total_steps, [k] if unified else counts, flow, call=call,
+    student_io.write_metadata(folder, total_steps, [k] if unified else counts, schedule, call=call,
                               stock_call=dict(family.stock_call))
     first = first or folder
   return dest
