@@ -21,6 +21,8 @@ INSTALL_REQUIRES = [
     "scipy>=1.11",  # the evaluator's Frechet distance (matrix square root)
     "sentencepiece>=0.2",  # T5 tokenizers from spiece.model (PixArt's tokenizer/ folders)
     "protobuf>=4.21",  # read by Transformers when it converts a spiece.model
+    "imageio>=2.31",  # MP4 clips of video teachers, through Diffusers' export_to_video
+    "imageio-ffmpeg>=0.5",  # the ffmpeg imageio writes MP4 with (shipped inside the wheel)
 ]
 
 EXTRAS_REQUIRE = {

@@ -132,6 +132,11 @@ def save_pixel_grid(pixels, path: str, columns: int, upscale: int = 1, pad: int 
 def save_labelled_grid(rows, path: str, upscale: int = 1, pad: int = 0) -> None:
   """A PNG grid with one row per (label, uint8 NHWC images) pair and the label written to its left,
   so that a reader can tell which row is which sampler."""
+  labelled_grid(rows, upscale, pad).save(path)
+
+
+def labelled_grid(rows, upscale: int = 1, pad: int = 0):
+  """`save_labelled_grid`'s picture, as a PIL image (an animated grid is one per frame)."""
   from PIL import Image, ImageDraw, ImageFont  # pylint: disable=g-import-not-at-top
   rows = [(label, np.asarray(pixels)) for label, pixels in rows]
   columns = max(len(p) for _, p in rows)
@@ -150,4 +155,4 @@ def save_labelled_grid(rows, path: str, upscale: int = 1, pad: int = 0) -> None:
     for c, image in enumerate(pixels):
       tile = Image.fromarray(image if image.shape[-1] == 3 else image[..., 0]).convert("RGB")
       grid.paste(tile, (label_width + c * (w + pad), top))
-  grid.save(path)
+  return grid

@@ -1,7 +1,8 @@
 """Evaluation and sampling of a distilled Diffusers student beside its teacher.
 
-Every sampler draws from the same prompts and the same noise; images are decoded by one VAE decoder
-compiled once. After our samplers, each exported pipeline is called by stock Diffusers as a user
+Every sampler draws from the same prompts and the same noise; images (or clips, for video teachers) are
+decoded by one VAE decoder compiled once. Images are written as PNG grids; clips as MP4 files and
+animated GIF grids (`infra/video.py`). After our samplers, each exported pipeline is called by stock Diffusers as a user
 would (prompts, the step count, the latents, and only what its family's stock call needs), so the
 table shows what a Diffusers user gets.
 """
@@ -21,7 +22,7 @@ from tdm_jax.convert import pipeline as pipeline_io
 from tdm_jax.convert import student as student_io
 from tdm_jax.core import rng, sample
 from tdm_jax.core.train import Task, sampling_params
-from tdm_jax.infra import data
+from tdm_jax.infra import data, video
 from tdm_jax.infra.errors import ConfigError
 from tdm_jax.tasks.diffusers import prompts, weights
 from tdm_jax.tasks.diffusers.build import run_geometry
@@ -57,20 +58,23 @@ def _samplers(config, task: Task, student_params, uncond, teacher_steps, student
 
 
 class _Renderer(NamedTuple):
-  """Prompts -> images through our samplers, from one set of noise; one VAE decoder, compiled once."""
+  """Prompts -> images (or clips) through our samplers, from one set of noise; one VAE decoder, compiled once."""
   trees: dict
   cond: object
   uncond: object
   z: jax.Array
   decode: Callable  # jitted (vae params, latents) -> images, compiled on z: every sampler's latents have its shape
+  video: bool  # clips (B, F, ...) rather than images
 
   def images(self, task: Task, sampler):
-    """(uint8 NHWC pixels, ms for the batch: sampling plus decoding, compilation excluded) of one sampler."""
+    """(uint8 pixels, NHWC or clips (N, F, H, W, C), ms for the batch: sampling plus decoding, compilation
+    excluded) of one sampler."""
     _, _, _, params, fn, extra = sampler
     latents, ms = sample.timed(fn, params, task.schedule, self.z, self.cond, *extra)
     start = time.perf_counter()
     images = jax.block_until_ready(self.decode(self.trees["vae"], latents.astype(self.z.dtype)))
-    return sample.to_uint8(images), ms + 1000.0 * (time.perf_counter() - start)
+    pixels = video.to_uint8(images) if self.video else sample.to_uint8(images)
+    return pixels, ms + 1000.0 * (time.perf_counter() - start)
 
 
 def _renderer(config, workdir: str, task: Task, prompt_list, key) -> _Renderer:
@@ -82,29 +86,30 @@ def _renderer(config, workdir: str, task: Task, prompt_list, key) -> _Renderer:
   z = jax.random.normal(key, (len(prompt_list),) + tuple(task.sample_shape))
   decode = jax.jit(d.decoder())
   jax.block_until_ready(decode(trees["vae"], z))  # compiled here, once, not inside any sampler's timing
-  return _Renderer(trees, cond, uncond, z, decode)
+  return _Renderer(trees, cond, uncond, z, decode, d.vae.video)
 
 
 def stock_diffusers_images(folder: str, prompt_list, z, num_steps: int, chunk: int = 64):
-  """(uint8 NHWC pixels, ms) of the exported pipeline `folder` called as a Diffusers user would:
-  prompts, the step count, the latents and its family's stock-call arguments (README), nothing else.
-  None when torch is not installed."""
+  """(uint8 NHWC pixels, or (N, F, H, W, C) clips of a video pipeline, ms) of the exported pipeline `folder`
+  called as a Diffusers user would: prompts, the step count, the latents and its family's stock-call
+  arguments (docs/export.md), nothing else. None when torch is not installed."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
     import diffusers  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None
   student_io.check_folder(folder, num_steps)
-  family = describe(folder).family
+  d = describe(folder)
+  family = d.family
   pipe = diffusers.DiffusionPipeline.from_pretrained(folder, **dict(family.stock_load))
   pipe.set_progress_bar_config(disable=True)
   latents = torch.from_numpy(np.array(z, np.float32))  # a writable copy: torch warns on read-only arrays
   began, out = time.perf_counter(), []
   with torch.no_grad():
     for i in range(0, len(prompt_list), chunk):
-      out.append(pipe(list(prompt_list[i:i + chunk]), num_inference_steps=num_steps, latents=latents[i:i + chunk],
-                      output_type="np", **dict(family.stock_call),
-                      **student_io.stock_call_extra(folder, num_steps)).images)
+      result = pipe(list(prompt_list[i:i + chunk]), num_inference_steps=num_steps, latents=latents[i:i + chunk],
+                    output_type="np", **dict(family.stock_call), **student_io.stock_call_extra(folder, num_steps))
+      out.append(np.asarray(result.frames if d.vae.video else result.images))
   ms = 1000.0 * (time.perf_counter() - began)
   return np.clip(np.round(np.concatenate(out) * 255.0), 0, 255).astype(np.uint8), ms
 
@@ -119,9 +124,9 @@ def evaluate(config, workdir: str, task: Task, student_params) -> list:
   NFE and ms per image (sampling + VAE decode of the whole batch, compilation excluded); with
   `eval.classifier` (shapes captions only) also Frechet distance to the real images of the prompts,
   adherence and per-prompt diversity. Writes WORKDIR/eval/<sampler>.png (one image per prompt) and
-  WORKDIR/eval/comparison.png (a labelled row per sampler, real images first when there are any).
+  WORKDIR/eval/comparison.png (a labelled row per sampler, real images first when there are any); for
+  video, WORKDIR/eval/<sampler>.gif and .mp4 (one clip per prompt, tiled) and comparison.gif.
   """
-  from tdm_jax.tasks.shapes import evaluator  # pylint: disable=g-import-not-at-top
   if weights.is_shape_only(config, workdir):
     raise ConfigError("this run has random weights (no teacher.pipeline) and no VAE or tokenizer to evaluate "
                       "with; set --config.train.evaluate_after=False for shape-only runs")
@@ -133,20 +138,25 @@ def evaluate(config, workdir: str, task: Task, student_params) -> list:
   batch_prompts = [p for p in prompt_list for _ in range(e.samples_per_prompt)]
   firsts = np.arange(0, len(batch_prompts), e.samples_per_prompt)  # one image per prompt, for the grids
   r = _renderer(config, workdir, task, batch_prompts, rng.derive(config.seed, 0, rng.Role.EVAL))
-  scorer = evaluator.PromptScorer(e.classifier, batch_prompts) if e.classifier else None
+  scorer = _scorer(e.classifier, batch_prompts, r.video) if e.classifier else None
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
   columns = min(len(prompt_list), 8)
   rows = []
-  comparison = [("real images", scorer.real[firsts[:columns]])] if scorer else []
+  comparison = [("real " + ("clips" if r.video else "images"), scorer.real[firsts[:columns]])] if scorer else []
 
   def add_row(name, role, nfe, slug, pixels, ms):
-    sample.save_pixel_grid(pixels[firsts], os.path.join(workdir, "eval", f"{slug}.png"), columns=columns, upscale=2,
-                           pad=2)
+    grid = os.path.join("eval", f"{slug}.gif" if r.video else f"{slug}.png")
+    if r.video:
+      tiled = video.grid_frames(pixels[firsts], columns, pad=2)
+      video.write_labelled_animation([(name, tiled[None])], os.path.join(workdir, grid), upscale=2)
+      video.write_mp4(tiled, os.path.join(workdir, "eval", f"{slug}.mp4"), upscale=2)
+    else:
+      sample.save_pixel_grid(pixels[firsts], os.path.join(workdir, grid), columns=columns, upscale=2, pad=2)
     comparison.append((name, pixels[firsts[:columns]]))
     row = {"sampler": name, "model": role, "nfe": nfe}
     if scorer:
       row.update(scorer(pixels))
-    row.update(ms_per_image=ms / len(batch_prompts), grid=f"eval/{slug}.png")
+    row.update(ms_per_image=ms / len(batch_prompts), grid=grid)
     rows.append(row)
 
   for sampler in _samplers(config, task, student_params, r.uncond, e.teacher_steps, e.student_steps):
@@ -166,14 +176,26 @@ def evaluate(config, workdir: str, task: Task, student_params) -> list:
       logging.warning("torch is not installed: the evaluation skips the exported pipeline's stock Diffusers rows")
       break
     add_row(f"exported pipeline in stock Diffusers, {k} steps", "diffusers", k, f"diffusers_{k}nfe", *stock)
-  sample.save_labelled_grid(comparison, os.path.join(workdir, "eval", "comparison.png"), upscale=2, pad=2)
+  if r.video:
+    video.write_labelled_animation(comparison, os.path.join(workdir, "eval", "comparison.gif"), upscale=2, pad=2)
+  else:
+    sample.save_labelled_grid(comparison, os.path.join(workdir, "eval", "comparison.png"), upscale=2, pad=2)
   return rows
+
+
+def _scorer(path: str, prompt_list, is_video: bool):
+  """The shapes evaluator that scores this run's samples against real ones of the same captions."""
+  from tdm_jax.tasks.shapes import evaluator  # pylint: disable=g-import-not-at-top
+  if is_video:
+    raise ConfigError(f"eval.classifier={path!r} scores images; this teacher makes video: leave it empty")
+  return evaluator.PromptScorer(path, prompt_list)
 
 
 def sample_prompts(config, workdir: str, task: Task, student_params, prompt_list, checkpoint_step: int) -> str:
   """`--mode=sample`: the student at `sample.student_steps` (default: the counts it was trained for) and
   the teacher at `sample.teacher_steps` with CFG, all from the same noise, as PNGs
-  (WORKDIR/samples/<step>/<sampler>/<i>.png) and one grid (a labelled row per sampler, a column per prompt)."""
+  (WORKDIR/samples/<step>/<sampler>/<i>.png) and one grid (a labelled row per sampler, a column per prompt);
+  video as MP4 files (<i>.mp4) and an animated grid (grid.gif)."""
   if weights.is_shape_only(config, workdir):
     raise ConfigError("this run has random weights (no teacher.pipeline): nothing worth sampling")
   if not prompt_list:
@@ -191,10 +213,16 @@ def sample_prompts(config, workdir: str, task: Task, student_params, prompt_list
         f"student_{nfe}steps"
     os.makedirs(os.path.join(out, slug), exist_ok=True)
     for i, image in enumerate(pixels):
-      sample.save_pixel_grid(image[None], os.path.join(out, slug, f"{i:03d}.png"), columns=1)
+      if r.video:
+        video.write_mp4(image, os.path.join(out, slug, f"{i:03d}.mp4"))
+      else:
+        sample.save_pixel_grid(image[None], os.path.join(out, slug, f"{i:03d}.png"), columns=1)
     rows.append((name, pixels))
     logging.info("%s: %s", name, os.path.join(out, slug))
   with open(os.path.join(out, "prompts.txt"), "w") as f:
     f.write("\n".join(prompt_list) + "\n")
-  sample.save_labelled_grid(rows, os.path.join(out, "grid.png"), pad=2)
+  if r.video:
+    video.write_labelled_animation(rows, os.path.join(out, "grid.gif"), pad=2)
+  else:
+    sample.save_labelled_grid(rows, os.path.join(out, "grid.png"), pad=2)
   return out
