@@ -103,7 +103,7 @@ def _after_training(config, workdir: str, module, task, state) -> None:
   if not distributed.is_primary():
     return
   if wanted_export:
-    logging.info("student exported to %s", module.export(config, workdir, params))
+    logging.info("student exported to %s", module.export(config, workdir, params, task.run))
   if config.train.evaluate_after:
     run_evaluation(config, workdir, module, task, params)
 
@@ -139,7 +139,7 @@ def run(config, workdir: str, mode: str, prompts=()):
   if mode == "sample":
     return module.sample_prompts(config, workdir, task, train.student_params(state), list(prompts), int(state.step))
   if mode == "export":
-    return module.export(config, workdir, train.student_params(state))
+    return module.export(config, workdir, train.student_params(state), task.run)
   return run_evaluation(config, workdir, module, task, train.student_params(state))
 
 

@@ -31,63 +31,30 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from tdm_jax.core import tdm
-from tdm_jax.core.schedules import (FLOW_SCHEDULERS, SNR_SHIFTED_SCHEDULERS, FlowSchedule, betas_from_config,
-                                    sampling_timesteps)
+from tdm_jax.core.schedules import FLOW_SCHEDULERS, FlowSchedule, sampling_timesteps, vp_from_diffusers_config
 from tdm_jax.infra.errors import ConfigError
 
 METADATA = "tdm_student.json"
 # Keys of the teacher's scheduler config that define its noise schedule.
-_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                  "prediction_type", "rescale_betas_zero_snr", "snr_shift_scale")
-
-
 def is_flow(config: Mapping[str, Any]) -> bool:
   """Whether a scheduler config is a flow-matching one (the student's grid is then in sigma)."""
   return config.get("_class_name") in FLOW_SCHEDULERS
 
 
 def stock_sigmas(num_steps: int) -> list:
-  """The sigmas a stock flow pipeline call passes for a K-step student: 1, (K-1)/K, ..., 1/K, which its
-  scheduler warps with the exported shift onto the student's grid."""
-  return [float((num_steps - j) / num_steps) for j in range(num_steps)]
-
-
-def flow_scheduler_config(teacher: Mapping[str, Any], schedule: FlowSchedule) -> dict:
-  """The student's FlowMatchEulerDiscreteScheduler: the teacher's config with the student's grid warp as a
-  static shift and dynamic shifting off (a dynamic teacher's shift was fixed at the trained size)."""
-  out = {k: v for k, v in teacher.items() if not k.startswith("_")}
-  out.update(_class_name="FlowMatchEulerDiscreteScheduler", shift=schedule.student_static_shift,
-             use_dynamic_shifting=False)
-  return out
+  """The sigmas a stock flow pipeline call passes for a K-step student (`FlowSchedule.stock_sigmas`)."""
+  return FlowSchedule().stock_sigmas(num_steps)
 
 
 def scheduler_config(teacher: Mapping[str, Any], total_steps: Optional[int] = None, schedule=None) -> dict:
-  """The student's DDIMScheduler config: the teacher's noise schedule, the student's step grid (a flow
-  teacher's: `flow_scheduler_config`, with the training `schedule`).
-
-  With S = `total_steps` below the teacher's num_train_timesteps (the PixArt demo's S = 900), the
-  schedule is written as its first S betas (`trained_betas`, num_train_timesteps S): alphabar is the
-  teacher's at every t < S, and "trailing" spacing over S steps gives the student's tau_j = S - 1 - j S / K,
-  so a stock `set_timesteps(K)` still lands on them."""
-  if is_flow(teacher):
-    if schedule is None:
+  """The student's scheduler config: the training `schedule`'s (`student_scheduler_config`: DDIM "trailing"
+  over the teacher's noise schedule, or a flow teacher's static-shift FlowMatchEulerDiscreteScheduler).
+  Without `schedule`, a VP teacher's is read from its config; a flow teacher's grid needs the schedule."""
+  if schedule is None:
+    if is_flow(teacher):
       raise ValueError("a flow teacher's student scheduler needs the training schedule (its student grid)")
-    return flow_scheduler_config(teacher, schedule)
-  cogvideox = teacher.get("_class_name") in SNR_SHIFTED_SCHEDULERS
-  out = {"_class_name": "CogVideoXDDIMScheduler" if cogvideox else "DDIMScheduler"}
-  out.update({k: teacher[k] for k in _SCHEDULE_KEYS if k in teacher})
-  if cogvideox:  # its default shift (3.0) made explicit: the exported folder must not depend on defaults
-    out["snr_shift_scale"] = float(teacher.get("snr_shift_scale", 3.0))
-  n_train = int(teacher.get("num_train_timesteps", 1000))
-  if total_steps is not None and total_steps < n_train:
-    betas = betas_from_config(teacher)[:total_steps]
-    out.update(trained_betas=[float(np.float32(b)) for b in betas], num_train_timesteps=int(total_steps),
-               rescale_betas_zero_snr=False)
-    if cogvideox:  # the betas already hold the shift
-      out["snr_shift_scale"] = 1.0
-  out.update(timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True, clip_sample=False,
-             thresholding=False)
-  return out
+    schedule = vp_from_diffusers_config(dict(teacher))
+  return schedule.student_scheduler_config(dict(teacher), total_steps)
 
 
 def ddim_timesteps(config: Mapping[str, Any], num_steps: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -158,15 +125,11 @@ def write_metadata(folder: str, total_steps: int, step_counts: Sequence[int],
   info = {"step_counts": [int(k) for k in step_counts], "total_steps": int(total_steps)}
   if call:
     info["call"] = dict(call)
-  flow = schedule is not None and schedule.continuous
-  if flow:
-    info.update(timesteps={str(k): [float(t) for t in tdm.student_timesteps(total_steps, k, schedule)]
-                           for k in step_counts},
-                sigmas={str(k): stock_sigmas(k) for k in step_counts})
-  else:
-    info.update(timesteps={str(k): [int(t) for t in tdm.student_timesteps(total_steps, k, schedule)]
-                           for k in step_counts})
-  info["guidance"] = guidance_note(dict(stock_call), flow)
+  info["timesteps"] = {str(k): tdm.student_timesteps(total_steps, k, schedule).tolist() for k in step_counts}
+  sigmas = {str(k): schedule.stock_sigmas(k) for k in step_counts} if schedule is not None else {}
+  if any(sigmas.values()):
+    info["sigmas"] = sigmas
+  info["guidance"] = guidance_note(dict(stock_call), flow="sigmas" in info)
   with open(os.path.join(folder, METADATA), "w") as f:
     json.dump(info, f, indent=2)
 

@@ -41,15 +41,7 @@ def min_snr_weight(schedule: Schedule, t, gamma: float):
   objective, the noisy ones (where layout and binding are decided) keep full weight; the paper
   reports ~3x faster convergence for ViT denoisers. eps: min(snr, g) / snr; v: min(snr, g) / (snr + 1);
   sample: min(snr, g); a flow's velocity (x0 = x_t - sigma v): min(snr, g) sigma^2."""
-  snr = schedule.snr(t)
-  clipped = jnp.minimum(snr, gamma)
-  if schedule.continuous:
-    return clipped * schedule.s(t)**2
-  if schedule.prediction_type == "epsilon":
-    return clipped / snr
-  if schedule.prediction_type == "v_prediction":
-    return clipped / (snr + 1.0)
-  return clipped
+  return schedule.min_snr_weight(t, gamma)
 
 
 def denoising_loss(params, apply: Callable, schedule: Schedule, x0, cond, uncond, key, cond_dropout: float,
@@ -59,11 +51,7 @@ def denoising_loss(params, apply: Callable, schedule: Schedule, x0, cond, uncond
   as `TDMConfig.min_snr_gamma`). A flow teacher learns the velocity at sigma = shift(u) with u logit-normal
   (SD3's training draw, its "logit_normal" scheme: mean 0, std 1, on the teacher's shifted grid)."""
   t_key, n_key, d_key = jax.random.split(key, 3)
-  if schedule.continuous:
-    u = jax.nn.sigmoid(jax.random.normal(t_key, (x0.shape[0],), jnp.float32))
-    t = schedule.num_train_timesteps * schedule.warp(u)
-  else:
-    t = jax.random.randint(t_key, (x0.shape[0],), 0, schedule.num_train_timesteps)
+  t = schedule.training_timesteps(t_key, x0.shape[0])
   eps = jax.random.normal(n_key, x0.shape, x0.dtype)
   cond = drop_condition(d_key, cond, uncond, cond_dropout)
   out = apply(params, schedule.add_noise(x0, eps, t), t, cond)

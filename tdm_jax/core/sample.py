@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tdm_jax.core import tdm
-from tdm_jax.core.schedules import Schedule, ddim_step, dpm_solver_2m_step, flow_sampling_sigmas, sampling_timesteps
+from tdm_jax.core.schedules import Schedule, ddim_step, dpm_solver_2m_step
 from tdm_jax.infra.errors import ConfigError
 
 SOLVERS = ("ddim", "euler", "dpm_solver_2m")  # "euler": "ddim" by its flow name, the same move
@@ -85,11 +85,7 @@ def teacher_sample(apply, params, schedule: Schedule, z, cond, uncond, *, num_st
                    final_timestep: int = -1):
   """The teacher with classifier-free guidance on Diffusers' timesteps for `num_steps` (on a flow schedule
   FlowMatchEulerDiscreteScheduler's, whatever `spacing` says)."""
-  if schedule.continuous:
-    timesteps = schedule.num_train_timesteps * flow_sampling_sigmas(schedule, num_steps)
-  else:
-    timesteps = sampling_timesteps(schedule.num_train_timesteps, num_steps, spacing, steps_offset,
-                                   scheduler="dpm" if solver == "dpm_solver_2m" else "ddim")
+  timesteps = schedule.teacher_grid(num_steps, spacing, steps_offset, solver)
   return sample(apply, params, schedule, z, cond, timesteps, solver=solver, uncond=uncond,
                 guidance_scale=guidance_scale, final_timestep=final_timestep)
 

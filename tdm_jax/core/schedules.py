@@ -1,7 +1,9 @@
 """Noise schedules as pairs (a(t), s(t)) with ``x_t = a(t) x0 + s(t) eps``: pure, jittable JAX functions.
 
-Two kinds share one interface (a, s, snr, prediction conversions, add_noise, transition), so the TDM
-kernels and the samplers never ask which one they hold:
+Two kinds share one interface (a, s, snr, prediction conversions, add_noise, transition), and each
+answers the grid questions itself (the distilled student's timesteps and interval ends, traced or not,
+how timesteps are drawn, the teacher's sampling grid, what a stock call passes), so the TDM kernels,
+the samplers and the exports never ask which one they hold:
 
 - ``Schedule``: variance-preserving and discrete (DDPM / DDIM / DPM-Solver teachers: SD, SDXL,
   PixArt, CogVideoX). ``N`` integer training timesteps, ``alphabar_t`` the cumulative product of
@@ -51,11 +53,106 @@ class Schedule:
 
     continuous = False  # integer timesteps
     timestep_dtype = jnp.int32
+    move_name = "DDIM"  # what the samplers' deterministic move is called on this schedule
 
     def __post_init__(self):
         if self.prediction_type not in PREDICTION_TYPES:
             raise ConfigError(
                 f"unknown prediction_type {self.prediction_type!r}; supported: {PREDICTION_TYPES}")
+
+    # --- the distilled student's grid (TDM.md: K student steps over S total steps) ---
+
+    def with_student_grid(self, shift: float = 0.0, timesteps: tuple = ()) -> "Schedule":
+        """This schedule with the student's grid given outright (`timesteps`, for K = their count)."""
+        if shift:
+            raise ConfigError(f"tdm.student_shift={shift} warps a rectified-flow grid; this teacher's schedule is "
+                              f"variance-preserving (its grid is tdm.total_steps): leave it 0")
+        return self.replace(student_timesteps=tuple(int(t) for t in timesteps)) if timesteps else self
+
+    def student_grid(self, total_steps: int, num_steps: int) -> np.ndarray:
+        """tau_j, j = 0..K-1, highest first (int32): the given grid for K = its count, else S - 1 - j S / K."""
+        if len(self.student_timesteps) == num_steps:
+            return np.asarray(self.student_timesteps, np.int32)
+        return vp_student_grid(total_steps, num_steps)
+
+    def interval_lower_ends(self, total_steps: int, num_steps: int) -> np.ndarray:
+        """m_j: one above the next student timestep (0 for the last)."""
+        return np.append(self.student_grid(total_steps, num_steps)[1:] + 1, 0).astype(np.int32)
+
+    def traced_student_grid(self, total_steps: int, num_steps, length: int):
+        """(tau_j, the rollout's next timestep or -1, m_j) for j < length from a K that may be traced."""
+        j = jnp.arange(length, dtype=jnp.int32)
+        last = j + 1 >= num_steps
+        taus = total_steps - 1 - (j * total_steps) // num_steps
+        below = total_steps - 1 - ((j + 1) * total_steps) // num_steps
+        given = self.student_timesteps
+        if given:  # K = len(given) takes the given grid, any other K the rule
+            padded = jnp.asarray(given + (0,) * (length + 1 - len(given)), jnp.int32)[:length + 1]
+            use = jnp.asarray(num_steps) == len(given)
+            taus, below = jnp.where(use, padded[:length], taus), jnp.where(use, padded[1:], below)
+        return taus, jnp.where(last, -1, below), jnp.where(last, 0, below + 1)
+
+    def check_student_grid(self, cfg) -> None:
+        """Every interval leaves room for TDM's draws: `TDMConfig` checks a VP grid itself."""
+        del cfg
+
+    def draw_timesteps(self, key, shape, lo, hi):
+        """Integer timesteps uniform in [lo, hi)."""
+        return jax.random.randint(key, shape, lo, hi)
+
+    def draw_top(self, total_steps: int) -> int:
+        """The top of "shared" mode's draws: S."""
+        return total_steps
+
+    def training_timesteps(self, key, batch: int):
+        """A denoising-training draw: t ~ U{0..N-1}."""
+        return jax.random.randint(key, (batch,), 0, self.num_train_timesteps)
+
+    def min_snr_weight(self, t, gamma: float):
+        """min(SNR, gamma) on the x0 error, in this prediction's terms: eps min(snr, g) / snr; v
+        min(snr, g) / (snr + 1); sample min(snr, g)."""
+        snr = self.snr(t)
+        clipped = jnp.minimum(snr, gamma)
+        if self.prediction_type == "epsilon":
+            return clipped / snr
+        if self.prediction_type == "v_prediction":
+            return clipped / (snr + 1.0)
+        return clipped
+
+    def teacher_grid(self, num_steps: int, spacing: str = "leading", steps_offset: int = 0,
+                     solver: str = "ddim") -> np.ndarray:
+        """The teacher's sampling timesteps as Diffusers' `set_timesteps(num_steps)` makes them."""
+        return sampling_timesteps(self.num_train_timesteps, num_steps, spacing, steps_offset,
+                                  scheduler="dpm" if solver == "dpm_solver_2m" else "ddim")
+
+    def stock_sigmas(self, num_steps: int):
+        """What a stock call passes to sample the K-step student besides K: nothing (None)."""
+        del num_steps
+        return None
+
+    def student_scheduler_config(self, teacher: dict, total_steps: Optional[int] = None) -> dict:
+        """The exported student's Diffusers scheduler: a DDIM one (CogVideoX's own for its teachers, which
+        keeps the SNR shift) with the teacher's noise schedule and "trailing" spacing, so that a stock
+        `set_timesteps(K)` lands on tau_j = S - 1 - j S / K and its last step returns the clean estimate.
+
+        With S = `total_steps` below num_train_timesteps (the PixArt demo's S = 900), the schedule is written
+        as its first S betas (`trained_betas`, num_train_timesteps S): alphabar is the teacher's at every
+        t < S, and "trailing" spacing over S steps still gives the student's timesteps."""
+        cogvideox = teacher.get("_class_name") in SNR_SHIFTED_SCHEDULERS
+        out = {"_class_name": "CogVideoXDDIMScheduler" if cogvideox else "DDIMScheduler"}
+        out.update({k: teacher[k] for k in _VP_SCHEDULE_KEYS if k in teacher})
+        if cogvideox:  # its default shift (3.0) made explicit: the exported folder must not depend on defaults
+            out["snr_shift_scale"] = float(teacher.get("snr_shift_scale", 3.0))
+        n_train = int(teacher.get("num_train_timesteps", 1000))
+        if total_steps is not None and total_steps < n_train:
+            betas = betas_from_config(teacher)[:total_steps]
+            out.update(trained_betas=[float(np.float32(b)) for b in betas], num_train_timesteps=int(total_steps),
+                       rescale_betas_zero_snr=False)
+            if cogvideox:  # the betas already hold the shift
+                out["snr_shift_scale"] = 1.0
+        out.update(timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True, clip_sample=False,
+                   thresholding=False)
+        return out
 
     def _alphabar(self, t):
         """alphabar_t, with t = -1 (any negative t) meaning clean data (alphabar = 1)."""
@@ -148,6 +245,7 @@ class FlowSchedule:
     continuous = True  # float timesteps t = N sigma
     timestep_dtype = jnp.float32
     prediction_type = "flow"
+    move_name = "Euler"  # the DDIM move between sigmas is the flow ODE's Euler step
 
     def __post_init__(self):
         if self.time_shift_type not in TIME_SHIFT_TYPES:
@@ -218,6 +316,94 @@ class FlowSchedule:
         """The distilled student's grid warp: `student_shift`, or the teacher's when 0."""
         return self.warp(u, self.student_shift)
 
+    # --- the distilled student's grid: tau_j = N shift((K - j) / K), the draws floats ---
+
+    def with_student_grid(self, shift: float = 0.0, timesteps: tuple = ()) -> "FlowSchedule":
+        """This schedule with the student's own grid warp `shift` (0: the teacher's)."""
+        if timesteps:
+            raise ConfigError(f"tdm.student_timesteps={tuple(timesteps)} gives a variance-preserving grid "
+                              f"outright; this teacher is a rectified flow: set tdm.student_shift instead")
+        return self.replace(student_shift=float(shift)) if shift else self
+
+    def student_grid(self, total_steps: int, num_steps: int) -> np.ndarray:
+        """tau_j = N shift((K - j) / K) as float32 (shift 3, K = 4: 1000 900 750 500); S unused. float32
+        throughout, as `traced_student_grid` computes the same points under jit and a stock scheduler its sigmas."""
+        del total_steps
+        u = (np.float32(num_steps) - np.arange(num_steps, dtype=np.float32)) / np.float32(num_steps)
+        return np.asarray(np.float32(self.num_train_timesteps) * self.student_sigma(u), np.float32)
+
+    def interval_lower_ends(self, total_steps: int, num_steps: int) -> np.ndarray:
+        """m_j: the next student time itself (0 for the last)."""
+        return np.append(self.student_grid(total_steps, num_steps)[1:], 0).astype(np.float32)
+
+    def traced_student_grid(self, total_steps: int, num_steps, length: int):
+        """(tau_j, the rollout's next time or -1, m_j) for j < length from a K that may be traced."""
+        del total_steps
+        j = jnp.arange(length, dtype=jnp.int32)
+        last = j + 1 >= num_steps
+        point = lambda i: self.num_train_timesteps * self.student_sigma(
+            jnp.maximum(num_steps - i, 0).astype(jnp.float32) / num_steps)
+        taus, below = point(j), point(j + 1)
+        return taus, jnp.where(last, -1.0, below), jnp.where(last, 0.0, below)
+
+    def check_student_grid(self, cfg) -> None:
+        """Every student interval must leave room for TDM's draws (`cfg` a TDMConfig): t ~ U[max(min_timestep,
+        m_k), t_k - upper_margin) non-empty, and with random_mid m ~ U[m_k, t_k - mid_margin) too."""
+        for k in cfg.all_step_counts:
+            taus = self.student_grid(cfg.total_steps, k)
+            lows = self.interval_lower_ends(cfg.total_steps, k)
+            hi = (taus - cfg.upper_margin) if cfg.interval_mode == "separate" else np.full_like(
+                taus, self.num_train_timesteps - cfg.upper_margin)
+            narrow = np.maximum(cfg.min_timestep, lows) >= hi
+            if cfg.random_mid:
+                narrow |= (lows >= taus - cfg.mid_margin) | (cfg.mid_margin < cfg.upper_margin)
+            if narrow.any():
+                raise ConfigError(
+                    f"with {k} student steps the flow grid (1000 sigma) is {np.round(taus, 2).tolist()}; its interval "
+                    f"{int(np.argmax(narrow))} is too short for min_timestep={cfg.min_timestep}, upper_margin="
+                    f"{cfg.upper_margin}, mid_margin={cfg.mid_margin}: lower the margins or the student shift")
+
+    def draw_timesteps(self, key, shape, lo, hi):
+        """Float times uniform in [lo, hi)."""
+        return jax.random.uniform(key, shape, jnp.float32, lo, hi)
+
+    def draw_top(self, total_steps: int) -> int:
+        """The top of "shared" mode's draws: N."""
+        del total_steps
+        return self.num_train_timesteps
+
+    def training_timesteps(self, key, batch: int):
+        """A denoising-training draw: sigma = shift(u) with u logit-normal (SD3's "logit_normal" scheme:
+        mean 0, std 1, on the teacher's shifted grid), t = N sigma."""
+        u = jax.nn.sigmoid(jax.random.normal(key, (batch,), jnp.float32))
+        return self.num_train_timesteps * self.warp(u)
+
+    def min_snr_weight(self, t, gamma: float):
+        """min(SNR, gamma) on the x0 error of a velocity (x0 = x_t - sigma v): min(snr, g) sigma^2."""
+        return jnp.minimum(self.snr(t), gamma) * self.s(t)**2
+
+    def teacher_grid(self, num_steps: int, spacing: str = "leading", steps_offset: int = 0,
+                     solver: str = "ddim") -> np.ndarray:
+        """The teacher's sampling times, FlowMatchEulerDiscreteScheduler's for `num_steps` (whatever the
+        spacing says: a flow scheduler has one grid)."""
+        del spacing, steps_offset, solver
+        return self.num_train_timesteps * flow_sampling_sigmas(self, num_steps)
+
+    def stock_sigmas(self, num_steps: int) -> list:
+        """The sigmas a stock flow pipeline call passes for a K-step student: 1, (K-1)/K, ..., 1/K, which its
+        scheduler warps with the exported shift onto the student's grid."""
+        return [float((num_steps - j) / num_steps) for j in range(num_steps)]
+
+    def student_scheduler_config(self, teacher: dict, total_steps: Optional[int] = None) -> dict:
+        """The exported student's FlowMatchEulerDiscreteScheduler: the teacher's config with the student's
+        grid warp as a static shift and dynamic shifting off (a dynamic teacher's shift was fixed at the
+        trained size); stock calls pass `stock_sigmas(K)`, which it warps onto the student's grid."""
+        del total_steps
+        out = {k: v for k, v in teacher.items() if not k.startswith("_")}
+        out.update(_class_name="FlowMatchEulerDiscreteScheduler", shift=self.student_static_shift,
+                   use_dynamic_shifting=False)
+        return out
+
     @property
     def student_static_shift(self) -> float:
         """The static shift k whose warp k u / (1 + (k - 1) u) is the student's: `student_shift`, the
@@ -259,6 +445,11 @@ class FlowSchedule:
         return cls(num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
                    shift=float(config.get("shift", 1.0)), mu=mu,
                    time_shift_type=str(config.get("time_shift_type", "exponential")))
+
+
+def vp_student_grid(total_steps: int, num_steps: int) -> np.ndarray:
+    """The VP student's rule tau_j = S - 1 - j S / K, j = 0..K-1 (S=800, K=4: 799 599 399 199), int32."""
+    return np.array([total_steps - 1 - (j * total_steps) // num_steps for j in range(num_steps)], dtype=np.int32)
 
 
 def flow_sampling_sigmas(schedule: FlowSchedule, num_steps: int) -> np.ndarray:
@@ -328,6 +519,9 @@ def make_schedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.
 
 # CogVideoX's DDIM and DPM schedulers: alphabar shifted by `snr_shift_scale` (default 3.0), then rescaled.
 SNR_SHIFTED_SCHEDULERS = ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
+# Keys of a VP scheduler config that define its noise schedule (what an exported student's scheduler keeps).
+_VP_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                     "prediction_type", "rescale_betas_zero_snr", "snr_shift_scale")
 
 
 def vp_from_diffusers_config(config: dict) -> Schedule:

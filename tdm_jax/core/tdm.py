@@ -8,8 +8,8 @@ K student steps over S total steps, trajectory points x_k at t_k, interval ends 
 
 The same kernels serve variance-preserving teachers (integer timesteps; the grid is S - 1 - j S / K)
 and rectified-flow teachers (t = 1000 sigma as a float; the grid is 1000 shift((K - j) / K), the
-draws uniform over floats with the same margins): only the grid and the draws ask which schedule
-they hold (`schedule.continuous`); every move goes through the schedule's (a, s).
+draws uniform over floats with the same margins): the schedule answers the grid and draw questions
+itself (`core/schedules.py`), and every move goes through its (a, s).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from tdm_jax.core import rng
-from tdm_jax.core.schedules import Schedule, ddim_step, diffusion_coefficients
+from tdm_jax.core.schedules import Schedule, ddim_step, diffusion_coefficients, vp_student_grid
 from tdm_jax.infra.errors import ConfigError
 
 Apply = Callable[..., jax.Array]
@@ -94,18 +94,8 @@ class TDMConfig:
 
   def student_schedule(self, schedule):
     """The teacher's schedule with this config's student grid: `student_shift` (flow schedules) or
-    `student_timesteps` (variance-preserving ones)."""
-    if self.student_timesteps:
-      if schedule.continuous:
-        raise ConfigError(f"tdm.student_timesteps={tuple(self.student_timesteps)} gives a variance-preserving "
-                          f"grid outright; this teacher is a rectified flow: set tdm.student_shift instead")
-      return schedule.replace(student_timesteps=tuple(int(t) for t in self.student_timesteps))
-    if not self.student_shift:
-      return schedule
-    if not schedule.continuous:
-      raise ConfigError(f"tdm.student_shift={self.student_shift} warps a rectified-flow grid; this teacher's "
-                        f"schedule is variance-preserving (its grid is tdm.total_steps): leave it 0")
-    return schedule.replace(student_shift=float(self.student_shift))
+    `student_timesteps` (variance-preserving ones); each schedule refuses the other's."""
+    return schedule.with_student_grid(shift=self.student_shift, timesteps=self.student_timesteps)
 
   @classmethod
   def from_config(cls, config) -> "TDMConfig":
@@ -125,57 +115,31 @@ class TDMConfig:
     return tuple(self.step_choices) or (self.num_student_steps,)
 
 
-def _flow(schedule) -> bool:
-  return schedule is not None and schedule.continuous
-
-
-def _given_grid(schedule) -> tuple:
-  """The student timesteps a VP schedule was given outright (`TDMConfig.student_timesteps`), or ()."""
-  return tuple(getattr(schedule, "student_timesteps", ()) or ()) if schedule is not None else ()
+# Answers the VP grid and draw questions of callers that pass no schedule (the rule needs no alphabar).
+_VP_RULE = Schedule(np.ones((1,), np.float32), prediction_type="epsilon", num_train_timesteps=1)
 
 
 def student_timesteps(total_steps: int, num_steps: int, schedule=None) -> np.ndarray:
-  """tau_j = S - 1 - j S / K for j = 0..K-1, highest first (S=800, K=4: 799 599 399 199); on a flow
-  schedule tau_j = N shift((K - j) / K) as float32 (shift 3, K=4: 1000 900 750 500), S unused."""
-  if _flow(schedule):
-    # float32 throughout, as `step_grid` computes the same points under jit and a stock scheduler its sigmas
-    u = (np.float32(num_steps) - np.arange(num_steps, dtype=np.float32)) / np.float32(num_steps)
-    return np.asarray(np.float32(schedule.num_train_timesteps) * schedule.student_sigma(u), np.float32)
-  given = _given_grid(schedule)
-  if len(given) == num_steps:
-    return np.asarray(given, np.int32)
-  return np.array([total_steps - 1 - (j * total_steps) // num_steps for j in range(num_steps)],
-                  dtype=np.int32)
+  """tau_j for j = 0..K-1, highest first: the schedule's student grid (`Schedule.student_grid`: S - 1 - j S
+  / K, or the given grid; a flow's N shift((K - j) / K)); without a schedule, the VP rule."""
+  if schedule is None:
+    return vp_student_grid(total_steps, num_steps)
+  return schedule.student_grid(total_steps, num_steps)
 
 
 def interval_lower_ends(total_steps: int, num_steps: int, schedule=None) -> np.ndarray:
   """m for each student timestep tau_j: one above the next student timestep (0 for the last); on a
   flow schedule the next student time itself."""
-  taus = student_timesteps(total_steps, num_steps, schedule)
-  if _flow(schedule):
-    return np.append(taus[1:], 0).astype(np.float32)
-  return np.append(taus[1:] + 1, 0).astype(np.int32)
+  if schedule is None:
+    return np.append(vp_student_grid(total_steps, num_steps)[1:] + 1, 0).astype(np.int32)
+  return schedule.interval_lower_ends(total_steps, num_steps)
 
 
 def check_flow_grid(schedule, cfg: "TDMConfig") -> None:
-  """On a flow schedule, every student interval must leave room for the draws (the VP grid is checked
-  by TDMConfig itself): t ~ U[max(min_timestep, m_k), t_k - upper_margin) non-empty, and with
-  random_mid m ~ U[m_k, t_k - mid_margin) too."""
-  if not _flow(schedule):
-    return
-  for k in cfg.all_step_counts:
-    taus = student_timesteps(cfg.total_steps, k, schedule)
-    lows = interval_lower_ends(cfg.total_steps, k, schedule)
-    hi = (taus - cfg.upper_margin) if cfg.interval_mode == "separate" else np.full_like(
-        taus, schedule.num_train_timesteps - cfg.upper_margin)
-    narrow = np.maximum(cfg.min_timestep, lows) >= hi
-    if cfg.random_mid:
-      narrow |= (lows >= taus - cfg.mid_margin) | (cfg.mid_margin < cfg.upper_margin)
-    if narrow.any():
-      raise ConfigError(
-          f"with {k} student steps the flow grid (1000 sigma) is {np.round(taus, 2).tolist()}; its interval "
-          f"{int(np.argmax(narrow))} is too short for min_timestep={cfg.min_timestep}, upper_margin="
-          f"{cfg.upper_margin}, mid_margin={cfg.mid_margin}: lower the margins or the student shift")
+  """Every student interval of the schedule's grid leaves room for the draws (a flow grid is checked by
+  its schedule, a VP grid by TDMConfig itself)."""
+  if schedule is not None:
+    schedule.check_student_grid(cfg)
 
 
 def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
@@ -292,21 +256,7 @@ def step_grid(total_steps: int, num_steps, length: int, schedule=None):
   tau_j = S - 1 - j S / K, next = tau_{j+1} or -1 (x0) at the last, m_j = tau_{j+1} + 1 or 0; on a flow
   schedule tau_j = N shift((K - j) / K) and m_j = tau_{j+1} (or 0) as floats.
   Entries j >= K are not meaningful. Equal to `student_timesteps` / `interval_lower_ends`."""
-  j = jnp.arange(length, dtype=jnp.int32)
-  last = j + 1 >= num_steps
-  if _flow(schedule):
-    point = lambda i: schedule.num_train_timesteps * schedule.student_sigma(
-        jnp.maximum(num_steps - i, 0).astype(jnp.float32) / num_steps)
-    taus, below = point(j), point(j + 1)
-    return taus, jnp.where(last, -1.0, below), jnp.where(last, 0.0, below)
-  taus = total_steps - 1 - (j * total_steps) // num_steps
-  below = total_steps - 1 - ((j + 1) * total_steps) // num_steps
-  given = _given_grid(schedule)
-  if given:  # K = len(given) takes the given grid, any other K the rule
-    padded = jnp.asarray(given + (0,) * (length + 1 - len(given)), jnp.int32)[:length + 1]
-    use = jnp.asarray(num_steps) == len(given)
-    taus, below = jnp.where(use, padded[:length], taus), jnp.where(use, padded[1:], below)
-  return taus, jnp.where(last, -1, below), jnp.where(last, 0, below + 1)
+  return (schedule or _VP_RULE).traced_student_grid(total_steps, num_steps, length)
 
 
 def draw_segments(key, batch_size: int, total_steps: int, num_steps, max_steps: Optional[int] = None,
@@ -336,12 +286,9 @@ def draw_sample(key, cfg: TDMConfig, seg: Segments, shape: tuple, dtype=jnp.floa
   schedule; on a flow schedule uniform floats, and "shared" mode's top is N - upper_margin."""
   b = shape[0]
   k_mid, k_t, k_n = jax.random.split(key, 3)
-  if _flow(schedule):
-    draw = lambda k, lo, hi: jax.random.uniform(k, (b,), jnp.float32, lo, hi)
-    top = schedule.num_train_timesteps
-  else:
-    draw = lambda k, lo, hi: jax.random.randint(k, (b,), lo, hi)
-    top = cfg.total_steps
+  grid = schedule or _VP_RULE
+  draw = lambda k, lo, hi: grid.draw_timesteps(k, (b,), lo, hi)
+  top = grid.draw_top(cfg.total_steps)
   m = seg.m_k
   if cfg.random_mid:
     m = draw(k_mid, seg.m_k, seg.t_k - cfg.mid_margin)

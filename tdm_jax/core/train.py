@@ -64,6 +64,8 @@ class Task:
   source: the data's position when it is more than the step (a dataset read in order):
     `state(step, num_rows) -> dict` is saved with the checkpoint of `step` (JSON), and
     `restore(step, saved)` continues from it on resume (`tdm_jax/infra/data.py`).
+  run: what the task's module built the task from, handed back to its export and evaluation so they
+    never rebuild it (a Diffusers task's `build.Run`); the training loop never reads it.
   """
   apply: Callable
   teacher_params: PyTree
@@ -83,6 +85,7 @@ class Task:
   condition: Optional[Callable] = None
   local_batch: Optional[Callable] = None
   source: Optional[Any] = None
+  run: Optional[Any] = None
 
   @property
   def networks(self) -> tdm.Networks:

@@ -2,6 +2,10 @@
 prompts tokenized on the host (each process only its rows of an iteration's batch) and encoded by the
 text encoders inside the compiled step, its frozen weights placed on the mesh.
 
+The run itself (`Run`: the folder's description, the prompt family at the run's T5 length, the latent
+geometry, the schedule with the student's grid, the LoRA and TDM configs) is read and checked once,
+before anything compiles, and travels with the task (`Task.run`) to export, evaluation and sampling.
+
 With `model.lora_rank > 0` the student and the fake score are LoRA adapters over the one frozen
 teacher (the paper's SDXL recipe); with 0 they are float32 copies. With `tdm.step_choices` they are
 told K through the family's zero-initialised step table (unified TDM).
@@ -9,7 +13,8 @@ told K through the family's zero-initialised step table (unified TDM).
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Any, Optional
 
 import flax
 import jax
@@ -84,6 +89,46 @@ def teacher_schedule(config, d: PipelineDescription, geometry: LatentGeometry):
       from_diffusers_config(d.scheduler_config, image_seq_len=geometry.tokens))
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A Diffusers teacher's run, read and checked once (`make_run`): what training, export, evaluation and
+  `--mode=sample` all take, so that none of them re-reads the folder or re-derives the grid.
+
+  files: the folder of the pipeline's configs, tokenizers and scheduler; converted: the converted
+  checkpoint folder (None: a shape-only run). family: the prompt family at the run's T5 length.
+  schedule: the teacher's, with the student's grid (`tdm.student_shift` / `tdm.student_timesteps`).
+  """
+  files: str
+  converted: Optional[str]
+  description: PipelineDescription
+  family: prompts.PipelineFamily
+  geometry: LatentGeometry
+  schedule: Any
+  lora: Optional[lora.LoraConfig]
+  tdm: tdm.TDMConfig
+
+  @property
+  def step_counts(self) -> tuple:
+    """The step counts the student trains for: one exported pipeline folder each when unified."""
+    return self.tdm.all_step_counts
+
+  @property
+  def unified(self) -> bool:
+    return self.tdm.step_conditioning
+
+
+def make_run(config, workdir: str) -> Run:
+  """The run of `config` in `workdir`, converting the teacher on first use; every option the folder or the
+  config gets wrong (scheduler keys, sizes, frames, prompt length, LoRA targets) is refused here."""
+  files, converted = weights.pipeline_files(config, workdir)
+  d = describe(files)
+  lora_cfg = lora_config(config, d)
+  tdm_cfg = tdm.TDMConfig.from_config(config.tdm)
+  geometry = run_geometry(config, d)
+  return Run(files=files, converted=converted, description=d, family=run_family(config, d), geometry=geometry,
+             schedule=teacher_schedule(config, d, geometry), lora=lora_cfg, tdm=tdm_cfg)
+
+
 def build_task(config, workdir: str, progress: bool = True, devices=None, materialize: bool = True) -> Task:
   """The pipeline as a Task, its frozen weights placed on the mesh of `devices` (default: all).
 
@@ -91,17 +136,14 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
   compile the step (benchmarks/memory.py), nothing to run.
   """
   del progress  # conversion has no progress bar
-  files, converted = weights.pipeline_files(config, workdir)
-  d = describe(files)
-  backbone, family = d.backbone, run_family(config, d)
-  lora_cfg = lora_config(config, d)
-  choices = tuple(config.tdm.step_choices)
+  run = make_run(config, workdir)
+  files, converted, d, family, geometry = run.files, run.converted, run.description, run.family, run.geometry
+  backbone, lora_cfg, schedule = d.backbone, run.lora, run.schedule
+  choices = tuple(run.tdm.step_choices)
   dtype = jnp.dtype(config.model.dtype)
   make_model = lambda cfg: backbone.module(cfg, dtype=dtype, attention_implementation=config.model.attention,
                                            remat=config.model.remat)
   model = make_model(d.denoiser_config)
-  geometry = run_geometry(config, d)
-  schedule = teacher_schedule(config, d, geometry)  # a scheduler option we do not model fails here, up front
   abstract, axes = abstract_trees(d)
   if lora_cfg is not None:
     lora.target_paths(abstract[d.denoiser], lora_cfg)  # an unmatched target regex fails here, before any work
@@ -159,7 +201,7 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
               param_axes=axes[d.denoiser], trainable_axes=trainable_axes,
               conditioner={k: v for k, v in frozen.items() if k != d.denoiser},
               conditioner_axes={s.encoder: axes[s.encoder] for s in d.encoders}, condition=condition,
-              source=source)
+              source=source, run=run)
 
 
 def lora_apply(forward, cfg: lora.LoraConfig):

@@ -25,23 +25,22 @@ from tdm_jax.core.train import Task, sampling_params
 from tdm_jax.infra import data, video
 from tdm_jax.infra.errors import ConfigError
 from tdm_jax.tasks.diffusers import prompts, weights
-from tdm_jax.tasks.diffusers.build import run_geometry
 from tdm_jax.tasks.diffusers.description import describe
-from tdm_jax.tasks.diffusers.export import exported_pipeline, exported_step_counts
+from tdm_jax.tasks.diffusers.export import exported_pipeline
 
 
 def _samplers(config, task: Task, student_params, uncond, teacher_steps, student_steps) -> list:
   """(name, role, nfe, params, fn, extra args) per sampler: the teacher with CFG on Diffusers' "trailing"
   grid, the student on its own timesteps. Weights are arguments of the compiled samplers, never
   constants baked into them (GBs at SDXL size)."""
-  cfg = config.tdm
+  cfg = task.run.tdm
   calls = 1 if cfg.guidance_scale == 1.0 else 2
-  move = "Euler" if task.schedule.continuous else "DDIM"  # the same move; its flow name on a flow teacher
+  move = task.schedule.move_name  # the same move; its flow name (Euler) on a flow teacher
   samplers = [(f"teacher, {n} {move} steps, CFG {cfg.guidance_scale}", "teacher", calls * n, task.teacher_params,
                functools.partial(sample.teacher_sample, task.apply, num_steps=n,
                                  guidance_scale=cfg.guidance_scale, spacing="trailing"), (uncond,))
               for n in teacher_steps]
-  trained = exported_step_counts(config)
+  trained = task.run.step_counts
   untrained = [n for n in student_steps if n not in trained]
   if untrained:
     logging.warning("student steps %s: the student was trained for %s steps only; those images show it "
@@ -77,12 +76,13 @@ class _Renderer(NamedTuple):
     return pixels, ms + 1000.0 * (time.perf_counter() - start)
 
 
-def _renderer(config, workdir: str, task: Task, prompt_list, key) -> _Renderer:
-  out = weights.ensure_converted(config, workdir)
-  d = describe(os.path.join(out, "pipeline"))
-  trees = pipeline_io.load_converted(out)
-  cond, uncond = prompts.PromptEncoder.from_description(d, trees, run_geometry(config, d).image_size,
-                                                        max_length=config.model.max_sequence_length or None)(prompt_list)
+def _renderer(task: Task, prompt_list, key) -> _Renderer:
+  run = task.run
+  d = run.description
+  trees = pipeline_io.load_converted(run.converted)
+  encoder = prompts.PromptEncoder(run.family, prompts.encoder_modules(d, "float32", trees=trees),
+                                  d.force_zeros_for_empty_prompt, run.geometry.image_size)
+  cond, uncond = encoder(prompt_list)
   z = jax.random.normal(key, (len(prompt_list),) + tuple(task.sample_shape))
   decode = jax.jit(d.decoder())
   jax.block_until_ready(decode(trees["vae"], z))  # compiled here, once, not inside any sampler's timing
@@ -137,7 +137,7 @@ def evaluate(config, workdir: str, task: Task, student_params) -> list:
     raise ConfigError(f"eval.samples_per_prompt must be >= 1, got {e.samples_per_prompt}")
   batch_prompts = [p for p in prompt_list for _ in range(e.samples_per_prompt)]
   firsts = np.arange(0, len(batch_prompts), e.samples_per_prompt)  # one image per prompt, for the grids
-  r = _renderer(config, workdir, task, batch_prompts, rng.derive(config.seed, 0, rng.Role.EVAL))
+  r = _renderer(task, batch_prompts, rng.derive(config.seed, 0, rng.Role.EVAL))
   scorer = _scorer(e.classifier, batch_prompts, r.video) if e.classifier else None
   os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
   columns = min(len(prompt_list), 8)
@@ -162,7 +162,7 @@ def evaluate(config, workdir: str, task: Task, student_params) -> list:
   for sampler in _samplers(config, task, student_params, r.uncond, e.teacher_steps, e.student_steps):
     name, role, nfe = sampler[:3]
     add_row(name, role, nfe, f"{role}_{nfe}nfe", *r.images(task, sampler))
-  for k in [k for k in e.student_steps if k in exported_step_counts(config)]:
+  for k in [k for k in e.student_steps if k in task.run.step_counts]:
     folder = exported_pipeline(config, workdir, k)
     if not os.path.isdir(folder):
       break  # not exported (train.export_after False): nothing a Diffusers user would load
@@ -201,15 +201,15 @@ def sample_prompts(config, workdir: str, task: Task, student_params, prompt_list
   if not prompt_list:
     raise ConfigError("no prompts to sample: pass --prompt=TEXT (repeatable) or --prompt_file=FILE")
   s = config.sample
-  student_steps = tuple(s.student_steps) or exported_step_counts(config)
+  student_steps = tuple(s.student_steps) or task.run.step_counts
   teacher_steps = (s.teacher_steps,) if s.teacher_steps else ()
-  r = _renderer(config, workdir, task, list(prompt_list), rng.derive(s.seed, 0, rng.Role.EVAL))
+  r = _renderer(task, list(prompt_list), rng.derive(s.seed, 0, rng.Role.EVAL))
   out = os.path.join(workdir, "samples", str(checkpoint_step))
   rows = []
   for sampler in _samplers(config, task, student_params, r.uncond, teacher_steps, student_steps):
     name, role, nfe = sampler[:3]
     pixels, _ = r.images(task, sampler)
-    slug = f"teacher_{nfe // (1 if config.tdm.guidance_scale == 1.0 else 2)}steps" if role == "teacher" else \
+    slug = f"teacher_{nfe // (1 if task.run.tdm.guidance_scale == 1.0 else 2)}steps" if role == "teacher" else \
         f"student_{nfe}steps"
     os.makedirs(os.path.join(out, slug), exist_ok=True)
     for i, image in enumerate(pixels):

@@ -14,6 +14,7 @@ get those (`Backbone.write_lora`).
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import jax
 import numpy as np
@@ -24,8 +25,7 @@ from tdm_jax.convert import student as student_io
 from tdm_jax.core import lora, tdm
 from tdm_jax.infra.errors import ConfigError
 from tdm_jax.tasks.diffusers import weights
-from tdm_jax.tasks.diffusers.build import lora_config, run_family, run_geometry, teacher_schedule
-from tdm_jax.tasks.diffusers.description import describe
+from tdm_jax.tasks.diffusers.build import Run, make_run
 
 
 def stock_size_arguments(family, geometry) -> dict:
@@ -34,50 +34,39 @@ def stock_size_arguments(family, geometry) -> dict:
   return {k: sizes[k] for k in family.stock_size_keys}
 
 
-def exported_step_counts(config) -> tuple:
-  """The step counts the student was trained for: one exported pipeline folder each when unified."""
-  return tdm.TDMConfig.from_config(config.tdm).all_step_counts
-
-
 def exported_pipeline(config, workdir: str, num_steps: int) -> str:
   """WORKDIR/export/pipeline, or a unified student's WORKDIR/export/pipeline_{K}step."""
-  name = f"pipeline_{num_steps}step" if config.tdm.step_choices else "pipeline"
-  return os.path.join(workdir, "export", name)
+  unified = tdm.TDMConfig.from_config(config.tdm).step_conditioning
+  return os.path.join(workdir, "export", f"pipeline_{num_steps}step" if unified else "pipeline")
 
 
-def export(config, workdir: str, student_params) -> str:
-  """Writes WORKDIR/export (see the module docstring); returns it."""
+def export(config, workdir: str, student_params, run: Optional[Run] = None) -> str:
+  """Writes WORKDIR/export (see the module docstring) from the run the student trained in (`Task.run`;
+  None: made from `config`, as `--mode=export` on a fresh process does); returns it."""
   if weights.is_shape_only(config, workdir):
     raise ConfigError("this run has random weights (no teacher.pipeline): there is no student worth exporting; "
                       "set --config.teacher.pipeline=PATH to distil a real teacher")
-  out = weights.ensure_converted(config, workdir)
-  files = os.path.join(out, "pipeline")
-  d = describe(files)
+  run = run or make_run(config, workdir)
+  d, files, lora_cfg, counts, unified = run.description, run.files, run.lora, run.step_counts, run.unified
   backbone = d.backbone
   dest = os.path.join(workdir, "export")
-  trees = dict(pipeline_io.load_converted(out))
+  trees = dict(pipeline_io.load_converted(run.converted))
   student = jax.device_get(student_params)
-  lora_cfg = lora_config(config, d)
-  counts = exported_step_counts(config)
-  unified = bool(config.tdm.step_choices)
   if lora_cfg is not None:
     pairs, full = lora.split_full(student)
     if backbone.write_lora is not None:
       backbone.write_lora(dest, pairs, full, lora_cfg, d.denoiser_config_dict, counts, unified)
     base = jax.tree.map(lambda x: np.asarray(x, np.float32), trees[d.denoiser])
     student = jax.device_get(lora.merge(base, student, lora_cfg))
-  total_steps = int(config.tdm.total_steps)
-  geometry = run_geometry(config, d)
-  schedule = teacher_schedule(config, d, geometry)
+  total_steps, schedule, family = int(run.tdm.total_steps), run.schedule, run.family
   scheduler = student_io.scheduler_config(d.scheduler_config, total_steps, schedule)
   bad = student_io.mismatched_counts(scheduler, total_steps, counts, schedule)
   if bad:
     logging.warning("tdm.total_steps=%d: a stock Diffusers scheduler cannot give the student's timesteps at %s "
                     "steps; the exported pipeline samples right only with our sampler", total_steps, bad)
-  # What the stock call passes beyond the family's constant arguments: a changed T5 length.
-  family = run_family(config, d)
+  # What the stock call passes beyond the family's constant arguments: a changed T5 length, a video's size.
   call = {k: v for k, v in family.stock_call if k not in dict(d.family.stock_call)}
-  call.update(stock_size_arguments(family, geometry))
+  call.update(stock_size_arguments(family, run.geometry))
   first = None
   for k in counts:
     params, config_k = student, d.denoiser_config_dict
