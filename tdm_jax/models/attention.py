@@ -38,6 +38,13 @@ runs the same kernel in Pallas interpret mode, on any backend (tests on CPU; slo
 "auto": decided at trace time by `jax.devices()[0].platform`: on GPU "dot_product_attention"; on TPU
 "splash"; elsewhere "chunked" for q_length >= `min_fused_length` and "xla" below it (short sequences
 gain nothing from chunking and pay for the loop).
+
+`check_attention_fits` refuses, before anything compiles, a setting whose path holds the whole
+(batch, heads, q_length, kv_length) float32 logits when that one matrix exceeds
+`SCORE_MATRIX_BUDGET_BYTES`: "xla" always; "dot_product_attention" (and "auto" on GPU) too, because
+`jax.nn.dot_product_attention` without `implementation=` runs JAX's XLA path (JAX 0.10's docstring:
+"defaults to None, which currently falls back to xla"), which materialises the logits like "xla";
+"splash" where it takes the plain path (see above). "chunked" never does.
 """
 
 from __future__ import annotations
@@ -50,10 +57,77 @@ import numpy as np
 from jax import lax
 from jax.sharding import AxisType, PartitionSpec as P
 
+from tdm_jax.infra.errors import ConfigError
 from tdm_jax.infra.sharding import BATCH_AXES
 
 IMPLEMENTATIONS = ("xla", "chunked", "dot_product_attention", "splash", "auto")
 _LANES = 128  # TPU vector lanes: head_dim and the splash block sizes are multiples of it
+# The largest full (batch, heads, q_length, kv_length) float32 score matrix per device that
+# `check_attention_fits` lets a materialising path build. Attention and its gradient hold about three
+# such matrices at once (logits, softmax weights, their cotangent: XLA:CPU's temporaries for
+# the gradient of "xla" and of "dot_product_attention" at 4,096 tokens x 4 heads are 3.06x the
+# 256 MiB matrix; "chunked" 0.15x), so the 4 GiB budget is about 12 GiB of a 16-80 GiB accelerator,
+# beside weights, adapters and activations.
+SCORE_MATRIX_BUDGET_BYTES = 4 * 2 ** 30
+_FIXES = ('"chunked" (any platform)', '"splash" (TPU)')
+
+
+def resolve_implementation(implementation: str, q_length: int, *, platform: str,
+                           min_fused_length: int = 256) -> str:
+  """What `attention(..., implementation=implementation)` runs for `q_length` queries on `platform`
+  ("cpu", "gpu", "tpu"): the kernel, or "xla" for the plain path (full logits). A masked or causal call to
+  "splash" may still take the plain path (see `check_attention_fits`)."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
+  long_enough = q_length >= min_fused_length
+  if implementation == "auto":
+    implementation = {"gpu": "dot_product_attention", "tpu": "splash"}.get(
+        platform, "chunked" if long_enough else "xla")
+  if implementation in ("splash", "dot_product_attention") and not long_enough:
+    return "xla"
+  return implementation
+
+
+def score_matrix_bytes(q_length: int, kv_length: int, heads: int, batch: int, dtype_bytes: int = 4) -> int:
+  """Bytes of one full (batch, heads, q_length, kv_length) score matrix (the plain path's float32 logits)."""
+  return int(batch) * int(heads) * int(q_length) * int(kv_length) * int(dtype_bytes)
+
+
+def check_attention_fits(q_length: int, kv_length: int, heads: int, batch_per_device: int, implementation: str,
+                         *, platform: Optional[str] = None, mask: Optional[str] = None, causal: bool = False,
+                         min_fused_length: int = 256, dtype_bytes: int = 4,
+                         budget_bytes: int = SCORE_MATRIX_BUDGET_BYTES, setting: str = "model.attention") -> None:
+  """Raises `ConfigError` (one line: the setting, the tokens, the bytes, the fix) when `implementation`
+  on `platform` (default: `jax.default_backend()`) would hold the whole (batch_per_device, heads, q_length,
+  kv_length) score matrix and that matrix is over `budget_bytes`. Pure arithmetic: call it before compiling.
+
+  Materialising paths: "xla" always; "dot_product_attention" always (JAX's XLA path; also "auto" on GPU,
+  which resolves to it); "splash" and "dot_product_attention" below `min_fused_length` (the plain path);
+  "splash" with a `mask` that is not a key-padding one (mask="other"), causal with any mask, or causal
+  with q_length > kv_length. `mask`: None, "key_padding" ((batch, kv_length) keep-mask) or "other".
+  `heads`: the heads one device computes (all of them unless the attention's heads are split over
+  "tensor"). `batch_per_device`: the rows one device's attention call sees (a guided teacher pass runs
+  the conditional and unconditional halves as one batch: twice the per-device batch).
+  """
+  if mask not in (None, "key_padding", "other"):
+    raise ValueError(f"mask={mask!r}: expected None, 'key_padding' or 'other'")
+  platform = platform or jax.default_backend()
+  resolved = resolve_implementation(implementation, q_length, platform=platform, min_fused_length=min_fused_length)
+  if resolved == "splash":
+    plain = mask == "other" or (causal and (mask is not None or q_length > kv_length))
+  else:
+    plain = resolved in ("xla", "dot_product_attention")
+  if not plain:
+    return
+  size = score_matrix_bytes(q_length, kv_length, heads, batch_per_device, dtype_bytes)
+  if size <= budget_bytes:
+    return
+  via = "" if resolved == implementation else f" (resolved to {resolved!r} on {platform})"
+  raise ConfigError(
+      f"{setting}={implementation!r}{via} would hold the full attention score matrix: {q_length:,} x "
+      f"{kv_length:,} tokens x {heads} heads x batch {batch_per_device} per device = {size / 2 ** 30:.1f} GiB "
+      f"(> {budget_bytes / 2 ** 30:g} GiB budget); set {setting} to " + " or ".join(_FIXES) +
+      ", which never build it, or lower the tokens (model.height / width / num_frames) or the batch")
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Optional[jax.Array] = None,
