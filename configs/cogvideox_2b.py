@@ -15,8 +15,9 @@ copies instead. The learning rates (student 1e-5, fake score 5e-5: the paper's S
 (8 clips) and the 500 iterations are ours: the paper publishes none for video.
 
 Video tokens: 13 latent frames x 30 x 45 patches = 17,550 per clip, plus 226 text tokens. Attention
-never holds the whole score matrix: "auto" is cuDNN flash attention on GPUs, splash on TPUs and the
-chunked kernel on CPUs. The frozen transformer and T5-XXL are bf16, compute bf16, remat on, every device
+never holds the whole score matrix (70 GiB per device at batch 1 with the guided pass): "auto" is splash on
+TPUs and the chunked kernel on CPUs and, at this length, on GPUs; a setting that would hold it ("xla") is
+refused before anything compiles. The frozen transformer and T5-XXL are bf16, compute bf16, remat on, every device
 on `fsdp`; prompts are encoded inside the step (T5, 226 tokens, no mask, as the pipeline encodes them).
 Without `teacher.pipeline`, `model.reference` (the published configs) gives random weights: shape-only
 runs for the memory benchmark (benchmarks/README.md).

@@ -23,6 +23,7 @@ from tdm_jax.tasks.diffusers.backbones import cogvideox as cogvideox_family
 from tdm_jax.tasks.diffusers.description import describe
 from tdm_jax.core.schedules import from_diffusers_config
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a small red circle moving right on a white background", "a photo of a cat"]
 TOL = 1e-5
 
@@ -124,3 +125,20 @@ def test_folders_not_distilled_are_refused(tiny, tmp_path):
   _edit_json(os.path.join(v15, "transformer", "config.json"), patch_size_t=2)
   with pytest.raises(ConfigError, match="patch_size_t"):
     describe(v15)
+
+
+def test_attention_that_would_not_fit_is_refused_before_compiling(tmp_path):
+  """At CogVideoX-2B's size (the published configs, shape-only), "xla" attention would hold a 70 GiB score
+  matrix per device (batch 1, doubled by the guided pass): refused in one line naming model.attention."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("cogvideox_2b", os.path.join(REPO, "configs", "cogvideox_2b.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.model.reference = os.path.join(REPO, "configs", "diffusers", "cogvideox-2b")
+  config.model.attention = "xla"
+  config.mesh.shape = (1, 1, 1)
+  config.train.batch_size = 1
+  with pytest.raises(ConfigError, match=r"model.attention='xla' would hold the full attention score matrix: "
+                                        r"17,776 x 17,776 tokens x 30 heads x batch 2"):
+    build.build_task(config, str(tmp_path), devices=jax.devices()[:1], materialize=False)

@@ -10,9 +10,9 @@ than "xla" for 1024+ tokens. Each block step is rematerialised, so the backward 
 running statistics per block, never the stacked logits of every block (at SDXL's 4096 tokens,
 batch 16, those would be 5 GiB per attention). Equal to "xla" up to float32 rounding, also for
 masks and causal.
-"dot_product_attention": `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs when the
-shapes and dtypes allow, XLA otherwise). Sequences shorter than `min_fused_length` take the plain
-path, where a fused kernel gains nothing.
+"dot_product_attention": `jax.nn.dot_product_attention`, left to choose its implementation, which in
+JAX 0.10 is always its XLA path (its source: "defaults to XLA for now"), with the whole logits.
+Sequences shorter than `min_fused_length` take the plain path, where a fused kernel gains nothing.
 "splash": the Pallas TPU splash-attention kernel that ships with JAX
 (`jax.experimental.pallas.ops.tpu.splash_attention`), for TPUs. (Named after the kernel, as
 "dot_product_attention" is after its API; "pallas_tpu" would not say which of JAX's two Pallas TPU
@@ -35,9 +35,10 @@ and causal attention with a mask or with q_length > kv_length (there a query row
 masked, where the kernel's output is not the plain path's uniform average; a sample whose key-
 padding mask drops every key is handled exactly, by attending with zeroed keys). `interpret=True`
 runs the same kernel in Pallas interpret mode, on any backend (tests on CPU; slow).
-"auto": decided at trace time by `jax.devices()[0].platform`: on GPU "dot_product_attention"; on TPU
-"splash"; elsewhere "chunked" for q_length >= `min_fused_length` and "xla" below it (short sequences
-gain nothing from chunking and pay for the loop).
+"auto": decided at trace time by `jax.devices()[0].platform`: on GPU "dot_product_attention" while one
+call's score matrix fits `SCORE_MATRIX_BUDGET_BYTES`, "chunked" above it (a video DiT's 17,776 tokens
+would need 70 GiB there); on TPU "splash"; elsewhere "chunked" for q_length >= `min_fused_length` and
+"xla" below it (short sequences gain nothing from chunking and pay for the loop).
 
 `check_attention_fits` refuses, before anything compiles, a setting whose path holds the whole
 (batch, heads, q_length, kv_length) float32 logits when that one matrix exceeds
@@ -73,16 +74,18 @@ _FIXES = ('"chunked" (any platform)', '"splash" (TPU)')
 
 
 def resolve_implementation(implementation: str, q_length: int, *, platform: str,
-                           min_fused_length: int = 256) -> str:
+                           min_fused_length: int = 256, score_bytes: Optional[int] = None) -> str:
   """What `attention(..., implementation=implementation)` runs for `q_length` queries on `platform`
-  ("cpu", "gpu", "tpu"): the kernel, or "xla" for the plain path (full logits). A masked or causal call to
-  "splash" may still take the plain path (see `check_attention_fits`)."""
+  ("cpu", "gpu", "tpu"): the kernel, or "xla" for the plain path (full logits). `score_bytes`: one call's
+  full score matrix (`score_matrix_bytes`), which sends "auto" on GPU to "chunked" above the budget. A
+  masked or causal call to "splash" may still take the plain path (see `check_attention_fits`)."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
   long_enough = q_length >= min_fused_length
   if implementation == "auto":
-    implementation = {"gpu": "dot_product_attention", "tpu": "splash"}.get(
-        platform, "chunked" if long_enough else "xla")
+    too_big = score_bytes is not None and score_bytes > SCORE_MATRIX_BUDGET_BYTES
+    gpu = "chunked" if too_big else "dot_product_attention"
+    implementation = {"gpu": gpu, "tpu": "splash"}.get(platform, "chunked" if long_enough else "xla")
   if implementation in ("splash", "dot_product_attention") and not long_enough:
     return "xla"
   return implementation
@@ -112,15 +115,14 @@ def check_attention_fits(q_length: int, kv_length: int, heads: int, batch_per_de
   if mask not in (None, "key_padding", "other"):
     raise ValueError(f"mask={mask!r}: expected None, 'key_padding' or 'other'")
   platform = platform or jax.default_backend()
-  resolved = resolve_implementation(implementation, q_length, platform=platform, min_fused_length=min_fused_length)
+  size = score_matrix_bytes(q_length, kv_length, heads, batch_per_device, dtype_bytes)
+  resolved = resolve_implementation(implementation, q_length, platform=platform, min_fused_length=min_fused_length,
+                                    score_bytes=size)
   if resolved == "splash":
     plain = mask == "other" or (causal and (mask is not None or q_length > kv_length))
   else:
     plain = resolved in ("xla", "dot_product_attention")
-  if not plain:
-    return
-  size = score_matrix_bytes(q_length, kv_length, heads, batch_per_device, dtype_bytes)
-  if size <= budget_bytes:
+  if not plain or size <= budget_bytes:
     return
   via = "" if resolved == implementation else f" (resolved to {resolved!r} on {platform})"
   raise ConfigError(
@@ -145,17 +147,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Optional[jax.Ar
   interpret: run the "splash" kernel in Pallas interpret mode (any backend; for tests).
   Returns (batch, q_length, heads, head_dim) in v's dtype.
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
   long_enough = q.shape[1] >= min_fused_length
-  if implementation == "auto":
-    platform = jax.devices()[0].platform
-    if platform == "gpu":
-      implementation = "dot_product_attention"
-    elif platform == "tpu":
-      implementation = "splash"
-    else:
-      implementation = "chunked" if long_enough else "xla"
+  implementation = resolve_implementation(
+      implementation, q.shape[1], platform=jax.devices()[0].platform, min_fused_length=min_fused_length,
+      score_bytes=score_matrix_bytes(q.shape[1], k.shape[1], q.shape[2], q.shape[0]))
   if implementation == "splash" and long_enough:
     out = _splash(q, k, v, mask, causal, splash_block_q, splash_block_kv, interpret)
     if out is not None:

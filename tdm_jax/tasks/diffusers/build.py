@@ -26,6 +26,7 @@ from tdm_jax.core.schedules import from_diffusers_config
 from tdm_jax.core.train import Task
 from tdm_jax.infra import data, sharding
 from tdm_jax.infra.errors import ConfigError
+from tdm_jax.models.attention import check_attention_fits
 from tdm_jax.tasks.diffusers import prompts, weights
 from tdm_jax.tasks.diffusers.description import PipelineDescription, describe
 from tdm_jax.tasks.diffusers.geometry import LatentGeometry
@@ -129,6 +130,18 @@ def make_run(config, workdir: str) -> Run:
              schedule=teacher_schedule(config, d, geometry), lora=lora_cfg, tdm=tdm_cfg)
 
 
+def check_attention(config, run: Run, mesh) -> None:
+  """Refuses, in one line naming `model.attention`, a run whose denoiser attention would hold a score matrix
+  too large for a device (the teacher's guided pass runs both halves as one batch of twice the rows)."""
+  shape = run.description.backbone.attention_shape
+  if shape is None:
+    return
+  tokens, heads = shape(run.description.denoiser_config, run.geometry, run.family)
+  rows = -(-int(config.train.batch_size) // int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES])))
+  rows *= 1 if run.tdm.guidance_scale == 1.0 else 2
+  check_attention_fits(tokens, tokens, heads, rows, config.model.attention, platform=mesh.devices.flat[0].platform)
+
+
 def build_task(config, workdir: str, progress: bool = True, devices=None, materialize: bool = True) -> Task:
   """The pipeline as a Task, its frozen weights placed on the mesh of `devices` (default: all).
 
@@ -148,6 +161,7 @@ def build_task(config, workdir: str, progress: bool = True, devices=None, materi
   if lora_cfg is not None:
     lora.target_paths(abstract[d.denoiser], lora_cfg)  # an unmatched target regex fails here, before any work
   mesh = sharding.make_mesh(config.mesh.shape, devices)
+  check_attention(config, run, mesh)
   names = (d.denoiser,) + tuple(s.encoder for s in d.encoders)
   if materialize:
     frozen = weights.frozen_weights(config, names, abstract, axes, converted, mesh, files)

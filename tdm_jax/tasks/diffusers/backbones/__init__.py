@@ -84,6 +84,10 @@ class Backbone:
   # check_family(config, family): refuses, in one line, a run's prompt family (its T5 length) that the
   # denoiser cannot take; None: any.
   check_family: Optional[Callable[[Any, Any], None]] = None
+  # attention_shape(config, geometry, family) -> (tokens, heads) of the denoiser's largest attention, which
+  # `models.attention.check_attention_fits` checks against the run's attention setting before anything
+  # compiles (video DiTs: tens of thousands of tokens); None: not checked.
+  attention_shape: Optional[Callable[[Any, Any, Any], Tuple[int, int]]] = None
 
 
 def peft_lora_writer(layout, step_table_name: str) -> Callable[..., None]:

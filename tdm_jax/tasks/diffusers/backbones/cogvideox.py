@@ -85,4 +85,7 @@ BACKBONE = Backbone(
     # Text to video only: image- and video-to-video pipelines (another transformer input) are refused by name.
     pipelines=(("CogVideoXPipeline", COGVIDEOX),),
     check_family=check_family,
+    # One joint attention over [text; video] tokens in every block.
+    attention_shape=lambda config, geometry, family: (geometry.tokens + family.max_length,
+                                                      config.num_attention_heads),
 )
