@@ -127,8 +127,10 @@ def test_parameters_trained_in_full_beside_the_adapters():
   assert axes["table"]["embedding"][lora.FULL] == ("classes", "embed")
   assert axes["blk"]["to_q"]["kernel"] == {"a": ("embed", None), "b": (None, "mlp")}
   from tdm_jax.convert.lora import LoraConversionError, save_lora  # pylint: disable=g-import-not-at-top
+  from tdm_jax.convert.unet import LORA_LAYOUT  # pylint: disable=g-import-not-at-top
   with pytest.raises(LoraConversionError, match=r"trained in full \(\['norm/scale', 'table/embedding'\]\)"):
-    save_lora("/nonexistent/never_written", adapters, cfg, SD15)  # refused before anything is written
+    # refused before anything is written
+    save_lora("/nonexistent/never_written", adapters, cfg, SD15, layout=LORA_LAYOUT)
 
 
 def test_bad_targets_named():
@@ -181,7 +183,7 @@ def test_lora_file_loads_in_diffusers_pipeline(tmp_path):
   import peft  # noqa: F401 (the LoRA loader of Diffusers needs it)
   from tdm_jax.convert.lora import (load_lora, lora_state_dict_from_adapters,  # pylint: disable=g-import-not-at-top
                                     save_lora)
-  from tdm_jax.convert.unet import unet_params_from_state_dict  # pylint: disable=g-import-not-at-top
+  from tdm_jax.convert.unet import LORA_LAYOUT, unet_params_from_state_dict  # pylint: disable=g-import-not-at-top
 
   pipe = _tiny_sd_pipeline(torch, diffusers, transformers)
   config = UNetConfig.from_dict(dict(pipe.unet.config))
@@ -189,12 +191,12 @@ def test_lora_file_loads_in_diffusers_pipeline(tmp_path):
   cfg = lora.LoraConfig(rank=4, alpha=8.0)  # alpha != rank: the file must carry the scale.
   adapters = _randomise_b(lora.init_adapters(jax.random.PRNGKey(0), base, cfg))
 
-  state = lora_state_dict_from_adapters(adapters, cfg, config)
+  state = lora_state_dict_from_adapters(adapters, cfg, config, layout=LORA_LAYOUT)
   key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
   assert state[key + ".lora_A.weight"].shape == (4, 32) and state[key + ".lora_B.weight"].shape == (32, 4)
   assert "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_v.lora_A.weight" in state
   assert "unet.up_blocks.0.attentions.1.transformer_blocks.0.ff.net.0.proj.lora_B.weight" in state
-  path = save_lora(tmp_path / "lora", adapters, cfg, config)
+  path = save_lora(tmp_path / "lora", adapters, cfg, config, layout=LORA_LAYOUT)
   assert path.endswith("lora/pytorch_lora_weights.safetensors")
   assert [p.name for p in (tmp_path / "lora").iterdir()] == ["pytorch_lora_weights.safetensors"]
 
@@ -224,7 +226,7 @@ def test_lora_file_loads_in_diffusers_pipeline(tmp_path):
   assert float(np.max(np.abs(image - image_base))) > 1e-3
 
   # Reading the file back gives the same merged model (scale folded into b, alpha == rank).
-  back, back_cfg = load_lora(path, config)
+  back, back_cfg = load_lora(path, config, layout=LORA_LAYOUT)
   assert back_cfg.rank == 4 and back_cfg.alpha == 4.0
   assert lora.target_paths(base, back_cfg) == sorted(lora.adapter_items(adapters))
   np.testing.assert_allclose(np.asarray(apply(lora.merge(base, back, back_cfg))), ours, rtol=1e-5, atol=1e-5)
@@ -232,11 +234,12 @@ def test_lora_file_loads_in_diffusers_pipeline(tmp_path):
 
 def test_export_rejects_adapters_that_do_not_fit(tmp_path):
   from tdm_jax.convert.lora import LoraConversionError, save_lora  # pylint: disable=g-import-not-at-top
+  from tdm_jax.convert.unet import LORA_LAYOUT  # pylint: disable=g-import-not-at-top
   cfg = lora.LoraConfig(rank=2)
   ok = {"a": np.zeros((32, 2), np.float32), "b": np.zeros((2, 32), np.float32)}
   wrong = {"down_blocks_0": {"attentions_0": {"transformer_blocks_0": {"attn1": {"to_q": {"kernel": {
       "a": np.zeros((32, 2), np.float32), "b": np.zeros((2, 16), np.float32)}}}}}}, "nope": {"kernel": ok}}
   expected = r"(?s)attn1/to_q/kernel: a @ b has shape \(32, 16\).*nope/kernel: no such"
   with pytest.raises(LoraConversionError, match=expected):
-    save_lora(tmp_path / "x.safetensors", wrong, cfg, SD15)
+    save_lora(tmp_path / "x.safetensors", wrong, cfg, SD15, layout=LORA_LAYOUT)
   assert not list(tmp_path.iterdir())  # Nothing written, not even a temporary file.

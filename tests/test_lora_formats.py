@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from tdm_jax.convert.lora import (LoraConversionError, load_kohya_lora, save_kohya_lora, save_lora, sgm_blocks,
-                                  sgm_name)
-from tdm_jax.convert.unet import diffusers_name, expected_param_shapes
+from tdm_jax.convert.kohya import load_kohya_lora, save_kohya_lora, sgm_blocks, sgm_name
+from tdm_jax.convert.lora import LoraConversionError, save_lora
+from tdm_jax.convert.unet import LORA_LAYOUT, diffusers_name, expected_param_shapes
 from tdm_jax.core import lora
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
 
@@ -208,7 +208,12 @@ def sdxl(tmp_path_factory):
                                theirs_base=theirs())
 
 
-@pytest.mark.parametrize("save", [save_kohya_lora, save_lora], ids=["kohya", "peft"])
+def save_peft_lora(path, adapters, lora_cfg, config):
+  """save_lora in the UNet's layout, called as save_kohya_lora is."""
+  return save_lora(path, adapters, lora_cfg, config, layout=LORA_LAYOUT)
+
+
+@pytest.mark.parametrize("save", [save_kohya_lora, save_peft_lora], ids=["kohya", "peft"])
 def test_sdxl_pipeline_loads_our_lora_file(sdxl, tmp_path, save):
   from peft.tuners.lora import LoraLayer  # pylint: disable=g-import-not-at-top
   cfg = lora.LoraConfig(rank=4, alpha=8.0)  # alpha != rank: the file must carry the scale.

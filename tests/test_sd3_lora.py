@@ -24,6 +24,7 @@ import tiny_mmdit  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tiny_sd3  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tdm_jax.convert import lora as lora_io  # pylint: disable=wrong-import-position
 from tdm_jax.convert import mmdit as mmdit_io  # pylint: disable=wrong-import-position
+from tdm_jax.convert import unet as unet_io  # pylint: disable=wrong-import-position
 from tdm_jax.convert.mmdit import (STEP_EMBEDDING, expected_param_shapes, fold_step_embedding,  # pylint: disable=wrong-import-position
                                    mmdit_params_from_state_dict)
 from tdm_jax.core import lora  # pylint: disable=wrong-import-position
@@ -148,7 +149,7 @@ def test_load_lora_gives_the_adapters_back(sd3):
     lora_io.load_lora(os.path.join(sd3.dest, f"lora_{K}step"), sd3.config_dict, layout=mmdit_io.LORA_LAYOUT)
   # A UNet-layout reader refuses the file by its prefix.
   with pytest.raises(lora_io.LoraConversionError, match=r"prefix 'unet'"):
-    lora_io.load_lora(os.path.join(sd3.dest, "lora"), sd3.config_dict, layout=lora_io.UNET)
+    lora_io.load_lora(os.path.join(sd3.dest, "lora"), sd3.config_dict, layout=unet_io.LORA_LAYOUT)
 
 
 def test_unmatched_target_lists_mmdit_modules(sd3):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tdm_jax.models.unet import UNet2DConditionModel, UNetConfig
+from tdm_jax.convert import lora as lora_io
 from tdm_jax.convert import names
 from tdm_jax.convert.errors import ConversionError, check_conversion, check_params_match
 
@@ -173,3 +174,12 @@ def fold_step_embedding(params: Mapping[str, Any], unet_config: Mapping[str, Any
   params["time_embedding"] = embedding
   config = {k: v for k, v in unet_config.items() if k != "num_class_embeds"}
   return params, config
+
+
+# How Diffusers (PEFT) LoRA files name this family's adapters (`convert/lora.py`): `unet.<module>.lora_A/B.weight`
+# (SD 1.x / 2.x / SDXL pipelines' `load_lora_weights`), the step row of a unified student on
+# `time_embedding.linear_2`, where Diffusers adds the class embedding. The UNet's kohya / SGM layout
+# (ComfyUI, A1111) is `convert/kohya.py`.
+LORA_LAYOUT = lora_io.LoraLayout(prefix="unet", model="UNet", expected_param_shapes=expected_param_shapes,
+                                 diffusers_name=diffusers_name, our_path=our_path,
+                                 step_module=("time_embedding", "linear_2"))

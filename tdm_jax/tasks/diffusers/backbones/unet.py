@@ -4,7 +4,8 @@ cond holds `encoder_hidden_states` (+ SDXL's `text_embeds` and `time_ids`). A un
 enters through Diffusers' own class-embedding slot (`num_class_embeds`, a table added to the time
 embedding), which folds exactly into `time_embedding.linear_2`'s bias; stock pipelines skip CFG for
 a UNet that declares LCM's `time_cond_proj_dim`, so exports add it with an all-zero projection.
-LoRA students also ship as Diffusers and kohya LoRA files (`convert/lora.py`).
+LoRA students also ship as Diffusers LoRA files (`convert/lora.py` with `convert/unet.LORA_LAYOUT`) and
+kohya ones (`convert/kohya.py`).
 
 Prompts, as the pipelines' `encode_prompt` makes them:
 - SD 1.5 / 2.x: one CLIP encoder; the UNet is conditioned on its last hidden state.
@@ -24,6 +25,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from tdm_jax.convert import kohya as kohya_io
 from tdm_jax.convert import lora as lora_io
 from tdm_jax.convert import unet as unet_io
 from tdm_jax.core import lora
@@ -95,15 +97,16 @@ def write_lora(dest: str, pairs, full, lora_cfg: lora.LoraConfig, config_dict, s
   """`lora/` (Diffusers' `load_lora_weights`), and per K `lora_{K}step/` (the step table's row, a rank-1
   adapter of its own) for a unified student, or `lora_kohya.safetensors` (ComfyUI / A1111 keys) for a
   one-K student: kohya files have no slot for the table (Diffusers drops their bias keys for SDXL)."""
-  lora_io.save_lora(os.path.join(dest, "lora"), pairs, lora_cfg, config_dict)
+  lora_io.save_lora(os.path.join(dest, "lora"), pairs, lora_cfg, config_dict, layout=unet_io.LORA_LAYOUT)
   if unified:
     table = full[(unet_io.STEP_EMBEDDING, "embedding")]
     for k in step_counts:
-      lora_io.save_step_lora(os.path.join(dest, f"lora_{k}step"), unet_io.step_row(table, k), config_dict)
+      lora_io.save_step_lora(os.path.join(dest, f"lora_{k}step"), unet_io.step_row(table, k), config_dict,
+                             layout=unet_io.LORA_LAYOUT)
     logging.info("unified LoRA student: no lora_kohya.safetensors (kohya files cannot carry the step "
                  "table); use lora/ with lora_{K}step/ in Diffusers, or the merged pipeline_{K}step/")
   else:
-    lora_io.save_kohya_lora(os.path.join(dest, "lora_kohya.safetensors"), pairs, lora_cfg, config_dict)
+    kohya_io.save_kohya_lora(os.path.join(dest, "lora_kohya.safetensors"), pairs, lora_cfg, config_dict)
 
 
 BACKBONE = Backbone(
