@@ -25,7 +25,7 @@ import numpy as np
 from tdm_jax.convert import lora as lora_io
 from tdm_jax.convert import names
 from tdm_jax.convert import step_table
-from tdm_jax.convert.errors import ConversionError, check_conversion, check_params_match
+from tdm_jax.convert.errors import ConversionError
 from tdm_jax.models.cogvideox import CogVideoXConfig, CogVideoXTransformer3DModel
 
 STEP_EMBEDDING = step_table.STEP_EMBEDDING
@@ -78,15 +78,6 @@ def diffusers_name(path: Tuple[str, ...]) -> str:
   return names.join_indices(path[:-1] + (leaf,), _LIST_RE)
 
 
-def _axes(path: Tuple[str, ...], ndim: int, to_ours: bool) -> Tuple[int, ...]:
-  """Transpose from Diffusers' layout to ours (or back): kernels only."""
-  if path[-1] == "kernel" and ndim == 2:
-    return (1, 0)
-  if path[-1] == "kernel" and ndim == 4:
-    return (2, 3, 1, 0) if to_ours else (3, 2, 0, 1)
-  return tuple(range(ndim))
-
-
 def cogvideox_params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: ConfigLike) -> Dict[str, Any]:
   """Diffusers CogVideoXTransformer3DModel state dict (name -> array) -> our parameter tree (the "params"
   collection).
@@ -95,27 +86,8 @@ def cogvideox_params_from_state_dict(state_dict: Mapping[str, np.ndarray], confi
   parameter and shape mismatch (a config with `num_step_embeds` leaves `step_embedding` unfilled:
   convert with the Diffusers config, then add the table).
   """
-  expected = expected_param_shapes(config)
-  filled: Dict[Tuple[str, ...], np.ndarray] = {}
-  unused, mismatched = [], []
-  for name in sorted(state_dict):
-    path = our_path(name)
-    if path not in expected:
-      unused.append(name)
-      continue
-    value = np.asarray(state_dict[name])
-    axes = _axes(path, value.ndim, to_ours=False)
-    want = tuple(expected[path][i] for i in axes) if len(axes) == len(expected[path]) else None
-    if want is None or tuple(value.shape) != want:
-      want = want or tuple(expected[path])
-      mismatched.append(f"{name}: expected {want}, got {tuple(value.shape)}")
-      continue
-    filled[path] = np.transpose(value, _axes(path, value.ndim, to_ours=True))
-  mismatched_names = {m.split(":")[0] for m in mismatched}
-  unfilled = sorted(n for n in (diffusers_name(p) for p in expected if p not in filled) if n not in mismatched_names)
-  check_conversion("CogVideoX transformer checkpoint", unfilled=unfilled, unused=unused, mismatched=mismatched,
-                   hint="Check that config.json belongs to these weights.")
-  return flax.traverse_util.unflatten_dict(filled)
+  return names.tree_from_state_dict(state_dict, expected_param_shapes(config), our_path, diffusers_name,
+                                   "CogVideoX transformer checkpoint")
 
 
 def cogvideox_state_dict_from_params(params: Mapping[str, Any], config: ConfigLike) -> Dict[str, np.ndarray]:
@@ -130,13 +102,7 @@ def cogvideox_state_dict_from_params(params: Mapping[str, Any], config: ConfigLi
     raise ConversionError("CogVideoX transformer params carry a step-count table (step_embedding / "
                           "num_step_embeds), which Diffusers' model has not: fold one row with fold_step_embedding "
                           "before export")
-  expected = expected_param_shapes(config)
-  check_params_match("CogVideoX transformer", flat, expected)
-  out = {}
-  for path, value in flat.items():
-    value = np.asarray(jax.device_get(value))
-    out[diffusers_name(path)] = np.transpose(value, _axes(path, value.ndim, to_ours=False))
-  return out
+  return names.state_dict_from_tree(flat, expected_param_shapes(config), diffusers_name, "CogVideoX transformer")
 
 
 def fold_step_embedding(params: Mapping[str, Any], config: ConfigLike, num_steps: int):

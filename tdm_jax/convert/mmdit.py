@@ -26,7 +26,7 @@ import numpy as np
 from tdm_jax.convert import lora as lora_io
 from tdm_jax.convert import names
 from tdm_jax.convert import step_table
-from tdm_jax.convert.errors import ConversionError, check_conversion, check_params_match
+from tdm_jax.convert.errors import ConversionError
 from tdm_jax.models.mmdit import MMDiTConfig, SD3Transformer2DModel, axis_embedding, cropped_pos_embed
 
 STEP_EMBEDDING = step_table.STEP_EMBEDDING
@@ -84,15 +84,6 @@ def diffusers_name(path: Tuple[str, ...]) -> str:
   return names.join_indices(path[:-1] + (leaf,), _LIST_RE)
 
 
-def _axes(path: Tuple[str, ...], ndim: int, to_ours: bool) -> Tuple[int, ...]:
-  """Transpose from Diffusers' layout to ours (or back): kernels only."""
-  if path[-1] == "kernel" and ndim == 2:
-    return (1, 0)
-  if path[-1] == "kernel" and ndim == 4:
-    return (2, 3, 1, 0) if to_ours else (3, 2, 0, 1)
-  return tuple(range(ndim))
-
-
 def full_pos_table(config: MMDiTConfig) -> np.ndarray:
   """Diffusers' `pos_embed.pos_embed` buffer for `config`: (1, max^2, inner) float32."""
   size = config.pos_embed_max_size
@@ -132,31 +123,11 @@ def mmdit_params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: C
   """
   config = _as_config(config)
   expected = expected_param_shapes(config)
-  filled: Dict[Tuple[str, ...], np.ndarray] = {}
-  unused, mismatched = [], []
-  for name in sorted(state_dict):
-    if name == POS_TABLE and config.pos_embed_max_size is not None:
-      line = _pos_table_mismatch(np.asarray(state_dict[name]), config)
-      if line:
-        mismatched.append(line)
-      continue
-    path = our_path(name)
-    if path not in expected:
-      unused.append(name)
-      continue
-    value = np.asarray(state_dict[name])
-    axes = _axes(path, value.ndim, to_ours=False)
-    want = tuple(expected[path][i] for i in axes) if len(axes) == len(expected[path]) else None
-    if want is None or tuple(value.shape) != want:
-      want = want or tuple(expected[path])
-      mismatched.append(f"{name}: expected {want}, got {tuple(value.shape)}")
-      continue
-    filled[path] = np.transpose(value, _axes(path, value.ndim, to_ours=True))
-  mismatched_names = {m.split(":")[0] for m in mismatched}
-  unfilled = sorted(n for n in (diffusers_name(p) for p in expected if p not in filled) if n not in mismatched_names)
-  check_conversion("SD3 transformer checkpoint", unfilled=unfilled, unused=unused, mismatched=mismatched,
-                   hint="Check that config.json belongs to these weights.")
-  return flax.traverse_util.unflatten_dict(filled)
+  table = {k: v for k, v in state_dict.items() if k == POS_TABLE and config.pos_embed_max_size is not None}
+  line = _pos_table_mismatch(np.asarray(table[POS_TABLE]), config) if table else None
+  weights = {k: v for k, v in state_dict.items() if k not in table}
+  return names.tree_from_state_dict(weights, expected, our_path, diffusers_name, "SD3 transformer checkpoint",
+                                    mismatched=[line] if line else [])
 
 
 def mmdit_state_dict_from_params(params: Mapping[str, Any], config: ConfigLike) -> Dict[str, np.ndarray]:
@@ -170,12 +141,7 @@ def mmdit_state_dict_from_params(params: Mapping[str, Any], config: ConfigLike) 
   if config.num_step_embeds is not None or any(p[0] == STEP_EMBEDDING for p in flat):
     raise ConversionError("SD3 transformer params carry a step-count table (step_embedding / num_step_embeds), "
                           "which Diffusers' model has not: fold one row with fold_step_embedding before export")
-  expected = expected_param_shapes(config)
-  check_params_match("SD3 transformer", flat, expected)
-  out = {}
-  for path, value in flat.items():
-    value = np.asarray(jax.device_get(value))
-    out[diffusers_name(path)] = np.transpose(value, _axes(path, value.ndim, to_ours=False))
+  out = names.state_dict_from_tree(flat, expected_param_shapes(config), diffusers_name, "SD3 transformer")
   if config.pos_embed_max_size is not None:
     out[POS_TABLE] = full_pos_table(config)
   return out
