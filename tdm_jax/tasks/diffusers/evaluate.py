@@ -184,10 +184,12 @@ def evaluate(config, workdir: str, task: Task, student_params) -> list:
 
 
 def _scorer(path: str, prompt_list, is_video: bool):
-  """The shapes evaluator that scores this run's samples against real ones of the same captions."""
-  from tdm_jax.tasks.shapes import evaluator  # pylint: disable=g-import-not-at-top
+  """The shapes evaluator that scores this run's samples against real ones of the same captions: the image
+  classifier, or for video teachers the moving-shapes video classifier (adds temporal consistency)."""
   if is_video:
-    raise ConfigError(f"eval.classifier={path!r} scores images; this teacher makes video: leave it empty")
+    from tdm_jax.tasks.shapes import video_evaluator  # pylint: disable=g-import-not-at-top
+    return video_evaluator.VideoPromptScorer(path, prompt_list)
+  from tdm_jax.tasks.shapes import evaluator  # pylint: disable=g-import-not-at-top
   return evaluator.PromptScorer(path, prompt_list)
 
 
