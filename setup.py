@@ -42,11 +42,12 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["tdm_jax", "tdm_jax.*"]),
-    # The shipped shapes teachers (SDXL-, PixArt- and SD3-style Diffusers folders), the evaluator and prompt files.
+    # The shipped shapes teachers (SDXL-, PixArt- and SD3-style Diffusers folders), the evaluators (images, video) and
+    # prompt files.
     package_data={"tdm_jax": ["assets/shapes/*.txt", "assets/shapes/evaluator/*", "assets/shapes/pipeline/*.json",
                               "assets/shapes/pipeline/*/*", "assets/shapes_pixart/pipeline/*.json",
                               "assets/shapes_pixart/pipeline/*/*", "assets/shapes_sd3/pipeline/*.json",
-                              "assets/shapes_sd3/pipeline/*/*"]},
+                              "assets/shapes_sd3/pipeline/*/*", "assets/shapes_cogvideox/evaluator/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["tdm_jax=tdm_jax.main:entry_point"]},

@@ -252,3 +252,15 @@ def test_training_loss_counts_only_present_objects():
   p = sd.POSITIONS.index(scenes[0].objects[0].position)
   wrong["motion"][0, p] = (wrong["motion"][0, p] + 1) % len(vd.MOTIONS)
   assert float(loss(logits_of(wrong), labels)) > 1.0
+
+
+def test_shipped_classifier_reads_held_out_real_clips():
+  """The shipped video evaluator (1,500 steps on train-split clips) on 64 held-out real clips: every caption
+  attribute and motion right, and the per-frame attributes steady (0.969 on 512 clips when trained)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import tdm_jax  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(tdm_jax.__file__), "assets", "shapes_cogvideox", "evaluator")
+  captions = vd.examples(1, ve.HELD_OUT_INDEX, 64, CONFIG, split="eval")[0]
+  scorer = ve.VideoPromptScorer(path, captions)
+  scores = scorer(scorer.real)
+  assert scores["adherence"] >= 0.98 and scores["temporal_consistency"] >= 0.9, scores
