@@ -68,12 +68,6 @@ def abstract_trees(d: PipelineDescription) -> tuple:
           {k: sharding.logical_axes(v) for k, v in boxed.items()})
 
 
-def run_geometry(config, d: PipelineDescription) -> LatentGeometry:
-  """The run's latent geometry (`model.resolution`, `height`, `width`, `num_frames`; 0: the denoiser's own),
-  refused before anything compiles unless the denoiser and the VAE can make it."""
-  return d.geometry(config.model)
-
-
 def run_family(config, d: PipelineDescription) -> prompts.PipelineFamily:
   """The pipeline's prompt family with this run's T5 length (`model.max_sequence_length`; 0: the family's)."""
   n = int(config.model.max_sequence_length)
@@ -81,13 +75,6 @@ def run_family(config, d: PipelineDescription) -> prompts.PipelineFamily:
   if d.backbone.check_family is not None:
     d.backbone.check_family(d.denoiser_config, family)
   return family
-
-
-def teacher_schedule(config, d: PipelineDescription, geometry: LatentGeometry):
-  """The schedule the student trains and samples on: the folder's scheduler (a FlowSchedule for flow
-  matching, its dynamic shift fixed by the run's token count) with `tdm.student_shift`."""
-  return tdm.TDMConfig.from_config(config.tdm).student_schedule(
-      from_diffusers_config(d.scheduler_config, image_seq_len=geometry.tokens))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,9 +112,11 @@ def make_run(config, workdir: str) -> Run:
   d = describe(files)
   lora_cfg = lora_config(config, d)
   tdm_cfg = tdm.TDMConfig.from_config(config.tdm)
-  geometry = run_geometry(config, d)
+  geometry = d.geometry(config.model)  # model.resolution / height / width / num_frames, checked
+  # The folder's scheduler (a flow's dynamic shift fixed by the run's token count) with the student's grid.
+  schedule = tdm_cfg.student_schedule(from_diffusers_config(d.scheduler_config, image_seq_len=geometry.tokens))
   return Run(files=files, converted=converted, description=d, family=run_family(config, d), geometry=geometry,
-             schedule=teacher_schedule(config, d, geometry), lora=lora_cfg, tdm=tdm_cfg)
+             schedule=schedule, lora=lora_cfg, tdm=tdm_cfg)
 
 
 def check_attention(config, run: Run, mesh) -> None:
