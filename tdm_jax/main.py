@@ -41,7 +41,8 @@ MODES = ("train", "evaluate", "convert", "export", "sample", "pretrain")
 # config.task -> the module that turns a config into a Task and evaluates a student on it.
 TASKS = {"toy": "tdm_jax.tasks.toy.task", "diffusers": "tdm_jax.tasks.diffusers.task",
          "shapes_teacher": "tdm_jax.tasks.shapes.teacher", "shapes_pixart_teacher": "tdm_jax.tasks.shapes.pixart_teacher",
-         "shapes_sd3_teacher": "tdm_jax.tasks.shapes.sd3_teacher"}
+         "shapes_sd3_teacher": "tdm_jax.tasks.shapes.sd3_teacher",
+         "shapes_cogvideox_teacher": "tdm_jax.tasks.shapes.cogvideox_teacher"}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                           lock_config=True)
@@ -120,8 +121,10 @@ def run(config, workdir: str, mode: str, prompts=()):
                       f"spans processes)")
   if mode == "pretrain" or not hasattr(module, "build_task"):
     if mode != "pretrain" or not hasattr(module, "pretrain_pipeline"):
-      raise ConfigError(f"--mode=pretrain goes with config.task='shapes_teacher' (configs/shapes_teacher.py) and "
-                        f"that task only with it; got --mode={mode} and config.task={config.task!r}")
+      teachers = ", ".join(f"'{t}'" for t in TASKS if t.endswith("_teacher"))
+      raise ConfigError(f"--mode=pretrain goes with the shapes teachers' tasks (config.task {teachers}: "
+                        f"configs/shapes*_teacher.py) and those tasks only with it; got --mode={mode} and "
+                        f"config.task={config.task!r}")
     return module.pretrain_pipeline(config, workdir)
   if mode == "convert":
     return module.ensure_converted(config, workdir)
