@@ -24,6 +24,8 @@ def _batch_split_dot_general(*args, **kwargs):
 
 # nn.Conv's dimension numbers for a 2-D channels-last input and an HWIO kernel.
 _NHWC = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
+# nn.Conv's dimension numbers for a 3-D channels-last input and a THWIO kernel.
+_NTHWC = jax.lax.ConvDimensionNumbers(lhs_spec=(0, 4, 1, 2, 3), rhs_spec=(4, 3, 0, 1, 2), out_spec=(0, 4, 1, 2, 3))
 # At most this many output pixels, a CPU conv takes the patch-matrix path (`_patch_conv`).
 PATCH_CONV_MAX_PIXELS = 4
 
@@ -46,13 +48,38 @@ def _patch_conv(lhs, rhs, strides, padding, precision):
   return jnp.einsum("bhwk,ko->bhwo", patches, rhs.reshape(-1, rhs.shape[-1]), precision=precision)
 
 
+def _time_split_conv(lhs, rhs, padding, precision):
+  """A 3-D (B, T, H, W, C) conv with unit strides as the sum over the kernel's time taps of 2-D convs, the
+  clip's frames folded into the batch.
+
+  Why: XLA:CPU's 3-D convolution is 2-5x slower than its 2-D one on the same work: at a small CogVideoX
+  VAE's sizes (batch 8, 9 frames of 32 x 32, 16 -> 16 channels) 63 ms forward and 232 ms for the gradient,
+  against 13 and 68 ms this way."""
+  lhs = jnp.pad(lhs, (tuple(padding[0]),) + ((0, 0),) * 4)
+  kt = rhs.shape[0]
+  b, t, h, w, c = lhs.shape
+  frames = t - kt + 1
+  out = None
+  for i in range(kt):
+    x = lhs[:, i:i + frames].reshape(b * frames, h, w, c)
+    y = jax.lax.conv_general_dilated(x, rhs[i], (1, 1), padding[1:], dimension_numbers=_NHWC, precision=precision)
+    out = y if out is None else out + y
+  return out.reshape((b, frames) + out.shape[1:])
+
+
 def _conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
           feature_group_count=1, precision=None, **kwargs):
-  """lax.conv_general_dilated, or `_patch_conv` for nn.Conv's plain 2-D convs with at most
-  PATCH_CONV_MAX_PIXELS output pixels on CPU (decided at trace time, as attention's "auto")."""
+  """lax.conv_general_dilated, or on CPU (decided at trace time, as attention's "auto") `_patch_conv` for
+  nn.Conv's plain 2-D convs with at most PATCH_CONV_MAX_PIXELS output pixels and `_time_split_conv` for its
+  plain unit-stride 3-D convs."""
   plain = (lhs.ndim == 4 and dimension_numbers == _NHWC and feature_group_count == 1 and not kwargs
            and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
            and not isinstance(padding, str))
+  plain_3d = (lhs.ndim == 5 and dimension_numbers == _NTHWC and feature_group_count == 1 and not kwargs
+              and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()) + tuple(window_strides))
+              and not isinstance(padding, str))
+  if plain_3d and jax.default_backend() == "cpu":
+    return _time_split_conv(lhs, rhs, padding, precision)
   if plain and jax.default_backend() == "cpu":
     out_pixels = 1
     for size, k, s, (lo, hi) in zip(lhs.shape[1:3], rhs.shape[:2], window_strides, padding):
