@@ -17,7 +17,7 @@ from tdm_jax.core import sample
 from tdm_jax.core.schedules import from_diffusers_config
 from tdm_jax.tasks.diffusers import weights
 from tdm_jax.tasks.diffusers.description import describe
-from tdm_jax.tasks.shapes import cogvideox_teacher, pixart_teacher
+from tdm_jax.tasks.shapes import cogvideox_teacher, pixart_teacher, video_data
 
 PROMPTS = ["a small red circle in the top left moving right on a white background",
            "a video of a large blue square standing still in the center with a black background"]
@@ -92,6 +92,7 @@ def test_cogvideox_pretrain_mode_makes_a_cogvideox_folder(tmp_path):
   config.vae.scaling_clips = 4
   config.transformer.time_embed_dim = 16
   config.transformer.latent_pool = 3  # two encoded batches of 2, the last cut to 1
+  config.prompts.num_train, config.prompts.num_eval = 4, 3
   length = config.text.max_sequence_length
   workdir = str(tmp_path / "cogvideox_teacher")
   vae_weights = os.path.join(workdir, "base", "vae", "diffusion_pytorch_model.safetensors")
@@ -130,3 +131,6 @@ def test_cogvideox_pretrain_mode_makes_a_cogvideox_folder(tmp_path):
     assert pool["mean"].shape == pool["logvar"].shape == (3, 4, 3, 8, 8) and len(pool["captions"]) == 3
   assert open(os.path.join(workdir, "vae", "metrics.jsonl")).read() == first["vae_metrics"]
   assert os.path.getmtime(vae_weights) == first["vae_mtime"]  # the VAE stage is not run again either
+  for name, n, split in (("prompts_train.txt", 4, "train"), ("prompts_eval.txt", 3, "eval")):
+    captions = open(os.path.join(workdir, name)).read().splitlines()
+    assert len(captions) == n and all(video_data.split_of(video_data.parse_caption(c)) == split for c in captions)

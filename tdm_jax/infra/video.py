@@ -25,14 +25,19 @@ def to_uint8(video) -> np.ndarray:
   return np.clip(np.round((x.transpose(0, 1, 3, 4, 2) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+MP4_BLOCK = 16  # imageio's ffmpeg macro_block_size: frame sides a multiple of it are written as they are
+
+
 def write_mp4(frames, path: str, fps: int = FPS, upscale: int = 1) -> str:
-  """One clip, uint8 (F, H, W, 3), as an MP4 file (nearest-neighbour upscaled; the encoder pads the frame
-  to a multiple of 16 pixels)."""
+  """One clip, uint8 (F, H, W, 3), as an MP4 file (nearest-neighbour upscaled, then padded white at the bottom
+  and right to a multiple of 16 pixels: imageio's ffmpeg writer would otherwise resize the frames to one)."""
   from diffusers.utils import export_to_video  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   frames = np.asarray(frames)
   if upscale > 1:
     frames = frames.repeat(upscale, axis=1).repeat(upscale, axis=2)
+  h, w = frames.shape[1:3]
+  frames = np.pad(frames, ((0, 0), (0, -h % MP4_BLOCK), (0, -w % MP4_BLOCK), (0, 0)), constant_values=255)
   return export_to_video([Image.fromarray(f) for f in frames], path, fps=fps)
 
 

@@ -20,6 +20,8 @@ run again:
      of `transformer.latent_pool` clips in `denoiser/latent_pool` (the 3-D VAE would otherwise cost more
      than the transformer in every step); a fresh posterior sample is drawn at every visit. The EMA ships.
   4. `pipeline/`: the complete Diffusers folder that stock `diffusers.CogVideoXPipeline` loads.
+  5. `prompts_train.txt`, `prompts_eval.txt`: captions to distil on (train-split scenes of a stream the
+     teacher never saw) and to evaluate with (held-out scenes, which no training clip shows).
 
 Prompts go through CogVideoX's own encoding (`backbones.cogvideox.COGVIDEOX`): T5 states of prompts padded
 to `text.max_sequence_length` tokens, with no attention mask (the pipeline passes none: T5 attends to the
@@ -66,8 +68,13 @@ from tdm_jax.tasks.shapes import teacher as sdxl_teacher
 from tdm_jax.tasks.shapes import video_data
 
 DIFFUSERS_VERSION = sdxl_teacher.DIFFUSERS_VERSION
+ASSETS = os.path.join(sdxl_teacher.PACKAGE_DIR, "assets", "shapes_cogvideox")
+SHIPPED_PIPELINE = os.path.join(ASSETS, "pipeline")
+SHIPPED_EVALUATOR = os.path.join(ASSETS, "evaluator")
+SHIPPED_TRAIN_PROMPTS = os.path.join(ASSETS, "prompts_train.txt")
+SHIPPED_EVAL_PROMPTS = os.path.join(ASSETS, "prompts_eval.txt")
 # Data streams (seed * 1000 + stream) of the video data, apart from the image teachers' 0..4.
-VAE_STREAM, DENOISER_STREAM, SCALING_STREAM = 10, 11, 12
+VAE_STREAM, DENOISER_STREAM, SCALING_STREAM, TRAIN_PROMPT_STREAM, EVAL_PROMPT_STREAM = 10, 11, 12, 13, 14
 DOWN_BLOCK, UP_BLOCK = vae_cogvideox.DOWN_BLOCK, vae_cogvideox.UP_BLOCK
 
 MODEL_INDEX = {
@@ -448,6 +455,18 @@ def write_pipeline(base: str, out: str, transformer_params) -> str:
   return export_pipeline(base, trees, out, d.write_component, components=d.model_components)
 
 
+# ---- stage 5: the captions of the main command --------------------------------------------------
+
+
+def write_prompts(config, workdir: str) -> None:
+  """`prompts.num_train` train-split captions to distil on and `prompts.num_eval` held-out ones to evaluate
+  with, one per line, from streams of their own."""
+  for name, stream, n, split in (("prompts_train.txt", TRAIN_PROMPT_STREAM, config.prompts.num_train, "train"),
+                                 ("prompts_eval.txt", EVAL_PROMPT_STREAM, config.prompts.num_eval, "eval")):
+    captions, _ = video_data.examples(config.seed * 1000 + stream, 0, n, video_config(config), split=split)
+    atomic_write_bytes(os.path.join(workdir, name), "".join(c + "\n" for c in captions).encode("utf-8"))
+
+
 def pretrain_pipeline(config, workdir: str) -> str:
   """Runs every stage (resuming where a previous run stopped); returns the pipeline folder."""
   base = os.path.join(workdir, "base")
@@ -458,4 +477,6 @@ def pretrain_pipeline(config, workdir: str) -> str:
   denoiser = Denoiser(config, base)
   logging.info("CogVideoX transformer %s", json.dumps(denoiser.transformer_dict))
   params = train_denoiser(config, workdir, denoiser, pool, config.train.progress)
-  return write_pipeline(base, os.path.join(workdir, "pipeline"), params)
+  out = write_pipeline(base, os.path.join(workdir, "pipeline"), params)
+  write_prompts(config, workdir)
+  return out
