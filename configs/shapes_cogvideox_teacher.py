@@ -8,9 +8,8 @@ are the PixArt-style shipped teacher's, frozen; the AutoencoderKLCogVideoX and t
 CogVideoXTransformer3DModel are trained here. DIR/pipeline is then a CogVideoXPipeline folder for
 9-frame 32 x 32 clips (`num_frames=9, height=32, width=32, max_sequence_length=64` in stock calls).
 
-Cost on the 2 CPU cores (shared with other jobs while measured): VAE 5.7-8.1 s per iteration (1,500:
-2.4-3.4 h), the latent pool ~0.06-0.09 s per clip (32,768: 35-50 min), transformer 1.1-1.35 s per
-iteration (8,000: 2.4-3.0 h); about 6-7 hours in all.
+Cost on the 2 CPU cores (shared with other jobs while measured): VAE 1.2-3 s per iteration (600: ~20 min;
+3-D convolutions as 2-D ones, models/layers.py), the latent pool, then the transformer.
 """
 
 import ml_collections
@@ -43,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     # posterior-mean latents.
     config.vae = ml_collections.ConfigDict(dict(
         block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
-        num_iterations=1500, batch_size=8, learning_rate=2e-3, warmup_steps=100, kl_weight=1e-4,
+        num_iterations=600, batch_size=8, learning_rate=2e-3, warmup_steps=100, kl_weight=1e-4,
         object_weight=20.0, scaling_clips=256))
     # The transformer: 2B-style (3-D sin-cos positions added to the video tokens, no rotary), width 128
     # (4 heads of 32), 6 blocks, patch 2: 3 x 4 x 4 = 48 video tokens after 64 text tokens in one joint
@@ -53,9 +52,12 @@ def get_config() -> ml_collections.ConfigDict:
     # visit a fresh posterior sample; encoding in the step would cost 2.4 s of a 3.1 s iteration.
     config.transformer = ml_collections.ConfigDict(dict(
         num_attention_heads=4, attention_head_dim=32, num_layers=6, patch_size=2, time_embed_dim=64,
-        spatial_interpolation_scale=1.0, latent_pool=32768,
-        num_iterations=8000, batch_size=32, learning_rate=5e-4, warmup_steps=200, cond_dropout=0.1,
+        spatial_interpolation_scale=1.0, latent_pool=4096,
+        num_iterations=2000, batch_size=32, learning_rate=5e-4, warmup_steps=200, cond_dropout=0.1,
         ema_decay=0.999, min_snr_gamma=0.0))
+    # The main command's captions (configs/shapes_cogvideox.py): train-split ones to distil on, held-out ones
+    # (x 4 noises) to evaluate with.
+    config.prompts = ml_collections.ConfigDict(dict(num_train=5000, num_eval=64))
   config.train.checkpoint_every = 250  # ~25 minutes of the VAE stage, ~5 of the transformer's
   config.lock()
   return config
