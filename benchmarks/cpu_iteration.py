@@ -2,6 +2,7 @@
 
   python benchmarks/cpu_iteration.py [--config=configs/sdxl.py] [--resolution=256] [--batch_size=2] [--iterations=2]
   python benchmarks/cpu_iteration.py --config=configs/pixart_alpha.py --config.model.lora_rank=64
+  python benchmarks/cpu_iteration.py --config=configs/cogvideox_2b.py --num_frames=9 --height=240 --width=352 --batch_size=1
 
 Random weights made on the mesh from the config's published configs (`model.reference`: the text
 encoders and the denoiser as the bf16 frozen teacher), the config's student and fake score (LoRA for
@@ -33,6 +34,9 @@ from tdm_jax.tasks.diffusers import task as diffusers_task  # pylint: disable=g-
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sdxl.py", "The run's config.")
 _RESOLUTION = flags.DEFINE_integer("resolution", 256, "Pixels.")
+_HEIGHT = flags.DEFINE_integer("height", 0, "Pixels of a non-square frame, with --width (0: --resolution's square).")
+_WIDTH = flags.DEFINE_integer("width", 0, "Pixels of a non-square frame, with --height (0: --resolution's square).")
+_FRAMES = flags.DEFINE_integer("num_frames", 0, "Video teachers: pixel frames per clip (0: the config's).")
 _BATCH = flags.DEFINE_integer("batch_size", 2, "Global batch.")
 _ITERATIONS = flags.DEFINE_integer("iterations", 2, "Iterations to run.")
 
@@ -64,6 +68,10 @@ def main(_):
   config = _CONFIG.value
   config.teacher.pipeline = ""  # shape-only: random weights from configs/diffusers
   config.model.resolution = _RESOLUTION.value
+  if _HEIGHT.value or _WIDTH.value:
+    config.model.height, config.model.width = _HEIGHT.value, _WIDTH.value
+  if _FRAMES.value:
+    config.model.num_frames = _FRAMES.value
   config.train.batch_size = _BATCH.value
   config.mesh.shape = (1, 1, 1)
   devices = jax.devices()[:1]
@@ -80,7 +88,9 @@ def main(_):
     compiled, times = train.compile_step(train.make_train_step(abstract, config), p, p.abstract_state,
                                          teacher_abstract,
                                          sharding.with_shardings(abstract.conditioner, p.conditioner), inputs(0))
-    print(f"{config.model.reference} {config.model.resolution} px, batch {config.train.batch_size}, "
+    g = abstract.run.geometry
+    size = f"{g.frames} x {g.height} x {g.width}" if g.video else f"{g.height} x {g.width}"
+    print(f"{config.model.reference} {size} px ({g.tokens} denoiser tokens), batch {config.train.batch_size}, "
           f"LoRA rank {config.model.lora_rank}, "
           f"compute {config.model.dtype}, teacher {config.model.teacher_dtype}, 1 CPU device")
     print(f"trace {times['trace_s']:.1f} s, compile {times['compile_s']:.1f} s; compiled memory (GiB) "

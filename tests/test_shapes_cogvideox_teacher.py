@@ -87,6 +87,7 @@ def test_cogvideox_pretrain_mode_makes_a_cogvideox_folder(tmp_path):
   config = teacher_config.get_config()
   config.vae.block_out_channels = (8, 16, 16)
   config.vae.norm_num_groups = 4
+  config.vae.latent_channels = 4
   config.vae.num_iterations = 2
   config.vae.batch_size = 2
   config.vae.scaling_clips = 4
