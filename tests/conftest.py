@@ -56,12 +56,14 @@ def distilled_sdxl(tmp_path_factory):
   """configs/sdxl.py on a tiny SDXL pipeline, as a user runs it: converted, then distilled for three
   iterations (a LoRA student for 1, 2 and 4 steps) from a TFDS prompt dataset written from a prompt
   file, exported and evaluated, stock Diffusers rows included. (pipe, config, workdir, task, state);
-  a test that changes the config changes a copy."""
+  a test that changes the config changes a copy. Its UNet has one resolution and its text encoders two
+  layers (tests/test_multiprocess.py's too): the smallest SDXL-style step to compile; the parity tests cover
+  deeper UNets and encoders."""
   import tiny_pipeline  # pylint: disable=g-import-not-at-top
   from tdm_jax import main as tdm_main  # pylint: disable=g-import-not-at-top
   from tdm_jax.tasks.diffusers import task as diffusers_task  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("sdxl")
-  pipe = tiny_pipeline.make_tiny_sdxl_pipeline(root / "pipeline", transformer_depth=(1, 1))
+  pipe = tiny_pipeline.make_tiny_sdxl_pipeline(root / "pipeline", transformer_depth=(1,), text_layers=2)
   prompt_file = root / "prompts.txt"
   prompt_file.write_text(SDXL_PROMPTS[0] + "\n\n" + SDXL_PROMPTS[1] + "\n")
   config = tiny_pipeline.tiny_sdxl_config(root / "pipeline", prompt_file)

@@ -21,7 +21,7 @@ from tdm_jax import main as tdm_main
 from tdm_jax.infra import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ITERATIONS = 6
+ITERATIONS = 4  # killed after the checkpoint at 2 (its peer gone, process 0 cannot finish iteration 4): 2 more
 
 
 def free_port() -> int:
@@ -71,9 +71,11 @@ def wait_all(procs, timeout=420):
 @pytest.fixture(scope="module")
 def tiny_job(tmp_path_factory):
   """A tiny SDXL pipeline (converted once, for the one-process reference) and the command-line flags of
-  configs/sdxl.py on it."""
+  configs/sdxl.py on it. Its UNet has one resolution and its text encoders two layers: the smallest
+  SDXL-style TDM step, which each of the three runs below traces and compiles (or loads from the tests'
+  persistent compilation cache)."""
   root = tmp_path_factory.mktemp("multiprocess")
-  tiny_pipeline.make_tiny_sdxl_pipeline(root / "pipeline", transformer_depth=(1, 1))
+  tiny_pipeline.make_tiny_sdxl_pipeline(root / "pipeline", transformer_depth=(1,), text_layers=2)
   prompts = root / "prompts.txt"
   prompts.write_text("a red circle\na blue square\na green triangle on black\n")
   config = tiny_pipeline.tiny_sdxl_config(root / "pipeline", prompts)
@@ -117,8 +119,8 @@ def test_two_processes_killed_and_restarted_equal_one_process(tiny_job, tmp_path
   procs[1].send_signal(signal.SIGKILL)
   assert procs[1].wait() == -signal.SIGKILL, "process 1 ended before it could be killed:\n" + output(procs[1])[-3000:]
   assert os.path.isdir(marker), output(procs[0])[-3000:]
-  try:
-    procs[0].wait(20)  # its peer is gone: it dies with the job, or hangs in a collective
+  try:  # its peer is gone: it dies with the job, or hangs in a collective and is killed
+    procs[0].wait(3)
   except subprocess.TimeoutExpired:
     procs[0].kill()
     procs[0].wait()

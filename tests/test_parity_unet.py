@@ -1,5 +1,7 @@
 """Our Flax UNet2DConditionModel equals Diffusers' on the same (tiny, random) weights."""
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -136,19 +138,25 @@ def _random_variables(config, sample, timesteps, context):
                                 flax.core.meta.unbox(shapes))
 
 
+@functools.lru_cache(maxsize=None)
+def _remat_programs(remat):
+  """(model, forward, gradient of sum(output**2) in every variable) of the SD 1.5-style UNet with or without
+  remat, jitted, the inputs arguments (not constants): one program of each for every use of it below."""
+  model = UNet2DConditionModel(UNetConfig.from_dict(SD15), remat=remat)
+  loss = lambda v, *inputs: jnp.sum(model.apply(v, *inputs) ** 2)
+  return model, jax.jit(model.apply), jax.jit(jax.grad(loss))
+
+
 def test_remat_gives_the_same_outputs_and_gradients_for_weights_and_adapters():
   config = UNetConfig.from_dict(SD15)
   sample, timesteps, context, _ = _inputs(SD15, batch=1)
-  sample = sample[:, :, :8, :8]
-  variables = _random_variables(config, sample, timesteps, context)
-  models = [UNet2DConditionModel(config, remat=remat) for remat in (False, True)]
-  outputs = [jax.jit(m.apply)(variables, sample, timesteps, context) for m in models]
+  inputs = (sample[:, :, :8, :8], timesteps, context)
+  variables = _random_variables(config, *inputs)
+  programs = [_remat_programs(remat) for remat in (False, True)]
+  models = [model for model, _, _ in programs]
+  outputs = [forward(variables, *inputs) for _, forward, _ in programs]
   np.testing.assert_allclose(np.asarray(outputs[0]), np.asarray(outputs[1]), rtol=1e-5, atol=1e-5)
-
-  def full_grads(model):
-    return jax.jit(jax.grad(lambda v: jnp.sum(model.apply(v, sample, timesteps, context) ** 2)))(variables)
-
-  for a, b in zip(*(jax.tree_util.tree_leaves(full_grads(m)) for m in models)):
+  for a, b in zip(*(jax.tree_util.tree_leaves(grad(variables, *inputs)) for _, _, grad in programs)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
   # Adapters travel as the "lora" collection through the rematerialised blocks; a nonzero `b`
@@ -160,20 +168,25 @@ def test_remat_gives_the_same_outputs_and_gradients_for_weights_and_adapters():
   def adapter_grads(model):
     def loss(adapters):
       with lora.adapters_applied(adapters, cfg):
-        out = model.apply({"params": variables["params"], "lora": adapters}, sample, timesteps, context)
+        out = model.apply({"params": variables["params"], "lora": adapters}, *inputs)
       return jnp.sum(out ** 2)
     return jax.jit(jax.grad(loss))(adapters)
 
   def adapted_output(model):  # no gradient: the blocks' own computations still find the adapters
     with lora.adapters_applied(adapters, cfg):
-      return jax.jit(model.apply)({"params": variables["params"], "lora": adapters}, sample, timesteps, context)
+      return jax.jit(model.apply)({"params": variables["params"], "lora": adapters}, *inputs)
 
-  merged = models[0].apply({"params": lora.merge(variables["params"], adapters, cfg)}, sample, timesteps, context)
+  # The merged weights' output and gradients, by the programs above (the plain model's forward and its
+  # gradient in every weight, at the merged weights), the latter carried to the adapters by the chain rule
+  # through lora.merge: the gradient of the merged model's loss in the adapters.
+  forward, grad = programs[0][1:]
+  merge = jax.jit(lambda adapters: {"params": lora.merge(variables["params"], adapters, cfg)})
+  merged_variables, merge_vjp = jax.vjp(merge, adapters)
+  merged = forward(merged_variables, *inputs)
   for model in models:
     np.testing.assert_allclose(np.asarray(adapted_output(model)), np.asarray(merged), rtol=1e-5, atol=1e-5)
-  merged_loss = lambda adapters: jnp.sum(models[0].apply(
-      {"params": lora.merge(variables["params"], adapters, cfg)}, sample, timesteps, context) ** 2)
-  reference = jax.tree_util.tree_leaves(jax.jit(jax.grad(merged_loss))(adapters))
+  reference = jax.tree_util.tree_leaves(merge_vjp(grad(merged_variables, *inputs))[0])
+  assert len(reference) == len(jax.tree_util.tree_leaves(adapters)) and any(np.abs(r).max() > 0 for r in reference)
   for model in models:
     for a, b in zip(jax.tree_util.tree_leaves(adapter_grads(model)), reference):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

@@ -65,10 +65,15 @@ def test_pretrain_mode_makes_a_diffusers_folder(tmp_path):
   config = teacher_config.get_config()
   config.vae.num_iterations = 2
   config.vae.batch_size = 2
+  config.vae.block_out_channels = (8, 16)  # two resolutions, one layer each: a short compile
   config.unet.num_iterations = 2
   config.unet.batch_size = 2
-  config.unet.block_out_channels = (8, 16, 16)
+  config.unet.block_out_channels = (8, 16)
+  config.unet.layers_per_block = 1
+  config.unet.attention_heads = (1, 2)
+  config.unet.transformer_layers_per_block = (1, 1)
   config.unet.norm_num_groups = 4
+  config.text.num_hidden_layers = 1
   config.evaluator.num_iterations = 2
   config.evaluator.batch_size = 8
   config.evaluator.held_out = 8
@@ -80,7 +85,9 @@ def test_pretrain_mode_makes_a_diffusers_folder(tmp_path):
   assert out == os.path.join(workdir, "pipeline")
   index = folders.read_model_index(out)
   assert index["_class_name"] == "StableDiffusionXLPipeline"
-  assert folders.read_config(folders.component_path(out, "unet"))["block_out_channels"] == [8, 16, 16]
+  unet = folders.read_config(folders.component_path(out, "unet"))
+  assert (unet["block_out_channels"], unet["layers_per_block"], unet["sample_size"]) == ([8, 16], 1, 16)
+  assert folders.read_config(folders.component_path(out, "text_encoder_2"))["num_hidden_layers"] == 1
   assert folders.read_config(folders.component_path(out, "vae"))["scaling_factor"] > 0
   assert len(data.read_prompts(os.path.join(workdir, "prompts_eval.txt"))) == 3
   _, meta = evaluator.load_classifier(os.path.join(workdir, "evaluator"))

@@ -90,10 +90,10 @@ def _randomise(module: torch.nn.Module, scale: float = 0.1) -> None:
       p.copy_(torch.randn_like(p) * scale + (1.0 if is_norm_scale else 0.0))
 
 
-def _text_encoder(cls, hidden, pad_token, seed, **extra):
+def _text_encoder(cls, hidden, pad_token, seed, num_hidden_layers=3, **extra):
   vocab, _ = tiny_vocab()
   config = transformers.CLIPTextConfig(
-      vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=3,
+      vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_hidden_layers,
       num_attention_heads=4, max_position_embeddings=MAX_LENGTH, bos_token_id=vocab[BOS],
       eos_token_id=vocab[EOS], pad_token_id=vocab[pad_token], **extra)
   torch.manual_seed(seed)
@@ -112,20 +112,28 @@ def _vae(seed):
   return vae
 
 
-def make_tiny_sdxl_pipeline(folder, seed=0, transformer_depth=(1, 2)) -> diffusers.StableDiffusionXLPipeline:
+def make_tiny_sdxl_pipeline(folder, seed=0, transformer_depth=(1, 2), text_layers=3) -> diffusers.StableDiffusionXLPipeline:
   """A complete tiny random SDXL pipeline saved to `folder` (safetensors) and read back from it.
 
   `transformer_depth`: transformer blocks per down block (SDXL's varies per block; (1, 1) compiles faster).
+  One entry makes a UNet of one resolution, a cross-attention block (compiles faster still).
+  `text_layers`: layers of each CLIP text encoder.
   """
   folder = os.fspath(folder)
-  text_encoder = _text_encoder(transformers.CLIPTextModel, 32, EOS, seed + 1)  # ViT-L-like: quick_gelu
+  text_encoder = _text_encoder(transformers.CLIPTextModel, 32, EOS, seed + 1,  # ViT-L-like: quick_gelu
+                               num_hidden_layers=text_layers)
   text_encoder_2 = _text_encoder(transformers.CLIPTextModelWithProjection, 64, "!", seed + 2,
-                                 hidden_act="gelu", projection_dim=32)  # bigG-like
+                                 num_hidden_layers=text_layers, hidden_act="gelu", projection_dim=32)  # bigG-like
   torch.manual_seed(seed + 3)
+  if len(transformer_depth) == 1:
+    blocks = dict(block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+                  up_block_types=("CrossAttnUpBlock2D",), attention_head_dim=(2,))
+  else:
+    blocks = dict(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4))
   unet = diffusers.UNet2DConditionModel(
-      sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-      attention_head_dim=(2, 4), cross_attention_dim=32 + 64, norm_num_groups=8, use_linear_projection=True,
+      sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, **blocks,
+      cross_attention_dim=32 + 64, norm_num_groups=8, use_linear_projection=True,
       transformer_layers_per_block=tuple(transformer_depth), addition_embed_type="text_time", addition_time_embed_dim=8,
       projection_class_embeddings_input_dim=32 + 6 * 8).eval()
   _randomise(unet)
