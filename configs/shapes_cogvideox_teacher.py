@@ -8,8 +8,8 @@ are the PixArt-style shipped teacher's, frozen; the AutoencoderKLCogVideoX and t
 CogVideoXTransformer3DModel are trained here. DIR/pipeline is then a CogVideoXPipeline folder for
 9-frame 32 x 32 clips (`num_frames=9, height=32, width=32, max_sequence_length=64` in stock calls).
 
-Cost on the 2 CPU cores (shared with other jobs while measured): VAE 1.2-3 s per iteration (600: ~20 min;
-3-D convolutions as 2-D ones, models/layers.py), the latent pool, then the transformer.
+Cost on the 2 CPU cores: VAE 1.2-1.7 s per iteration alone, 2-4 s beside other jobs (1,500: 40-75 min; the
+3-D convolutions run as 2-D ones, models/layers.py); then the latent pool and the transformer.
 """
 
 import ml_collections
@@ -60,6 +60,6 @@ def get_config() -> ml_collections.ConfigDict:
     # The main command's captions (configs/shapes_cogvideox.py): train-split ones to distil on, held-out ones
     # (x 4 noises) to evaluate with.
     config.prompts = ml_collections.ConfigDict(dict(num_train=5000, num_eval=64))
-  config.train.checkpoint_every = 250  # ~25 minutes of the VAE stage, ~5 of the transformer's
+  config.train.checkpoint_every = 250  # 5-15 minutes of either stage
   config.lock()
   return config
