@@ -8,8 +8,9 @@ are the PixArt-style shipped teacher's, frozen; the AutoencoderKLCogVideoX and t
 CogVideoXTransformer3DModel are trained here. DIR/pipeline is then a CogVideoXPipeline folder for
 9-frame 32 x 32 clips (`num_frames=9, height=32, width=32, max_sequence_length=64` in stock calls).
 
-Cost on the 2 CPU cores: VAE 1.2-1.7 s per iteration alone, 2-4 s beside other jobs (1,500: 40-75 min; the
-3-D convolutions run as 2-D ones, models/layers.py); then the latent pool and the transformer.
+Cost on the 2 CPU cores: VAE 1.2-1.7 s per iteration of 8 clips alone, 2-4 s beside other jobs (the 3-D
+convolutions run as 2-D ones, models/layers.py), so about 2-3 hours for 3,000 of 16; then the latent pool and
+the transformer.
 """
 
 import ml_collections
@@ -41,10 +42,12 @@ def get_config() -> ml_collections.ConfigDict:
     # frame) and a light KL, as the image teacher's VAE. The scaling factor is 1 / std of `scaling_clips`
     # clips' posterior-mean latents. With 4 latent channels and 600 iterations, the shipped video classifier
     # read 128 held-out clips' reconstructions with adherence 0.26 (shape right in 0.33 of them: blurred),
-    # temporal consistency 0.39: a ceiling no transformer on those latents could pass.
+    # temporal consistency 0.39: a ceiling no transformer on those latents could pass; 16 channels and 1,500
+    # iterations at batch 8 (12,000 clips) read 0.52 and 0.37, the shape still blurred: hence 48,000 clips
+    # (the image teacher's VAE saw 57,600 images). benchmarks/video_vae_ceiling.py measures it.
     config.vae = ml_collections.ConfigDict(dict(
         block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=16, norm_num_groups=8,
-        num_iterations=1500, batch_size=8, learning_rate=2e-3, warmup_steps=100, kl_weight=1e-4,
+        num_iterations=3000, batch_size=16, learning_rate=2e-3, warmup_steps=100, kl_weight=1e-4,
         object_weight=20.0, scaling_clips=256))
     # The transformer: 2B-style (3-D sin-cos positions added to the video tokens, no rotary), width 128
     # (4 heads of 32), 6 blocks, patch 2: 3 x 4 x 4 = 48 video tokens after 64 text tokens in one joint
