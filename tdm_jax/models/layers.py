@@ -52,7 +52,7 @@ def _time_split_conv(lhs, rhs, padding, precision):
   """A 3-D (B, T, H, W, C) conv with unit strides as the sum over the kernel's time taps of 2-D convs, the
   clip's frames folded into the batch.
 
-  Why: XLA:CPU's 3-D convolution is 2-5x slower than its 2-D one on the same work: at a small CogVideoX
+  Why: XLA:CPU's 3-D convolution is 1.6-5x slower than its 2-D one on the same work: at a small CogVideoX
   VAE's sizes (batch 8, 9 frames of 32 x 32, 16 -> 16 channels) 63 ms forward and 232 ms for the gradient,
   against 13 and 68 ms this way."""
   lhs = jnp.pad(lhs, (tuple(padding[0]),) + ((0, 0),) * 4)
