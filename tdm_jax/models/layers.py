@@ -54,7 +54,7 @@ def _time_split_conv(lhs, rhs, padding, precision):
 
   Why: XLA:CPU's 3-D convolution is 1.6-5x slower than its 2-D one on the same work: at a small CogVideoX
   VAE's sizes (batch 8, 9 frames of 32 x 32, 16 -> 16 channels) 63 ms forward and 232 ms for the gradient,
-  against 13 and 68 ms this way."""
+  against 13 and 68 ms this way (`benchmarks/conv3d_ops.py`)."""
   lhs = jnp.pad(lhs, (tuple(padding[0]),) + ((0, 0),) * 4)
   kt = rhs.shape[0]
   b, t, h, w, c = lhs.shape
