@@ -20,6 +20,7 @@ import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from tdm_jax.convert import folders  # pylint: disable=wrong-import-position
+from tdm_jax.infra import video  # pylint: disable=wrong-import-position
 from tdm_jax.models import vae_cogvideox  # pylint: disable=wrong-import-position
 from tdm_jax.tasks.diffusers.vaes import AUTOENCODER_KL_COGVIDEOX  # pylint: disable=wrong-import-position
 from tdm_jax.tasks.shapes import cogvideox_teacher, video_data, video_evaluator  # pylint: disable=wrong-import-position
@@ -39,7 +40,7 @@ def main(_):
   round_trip = jax.jit(lambda p, v: vae_cogvideox.decode(p, vae_cogvideox.encode(p, v, cfg)[0], cfg))
   recon = np.concatenate([np.asarray(round_trip(params, x[i:i + _BATCH.value]))
                           for i in range(0, len(x), _BATCH.value)])
-  recon_u8 = np.clip(np.round((recon.transpose(0, 2, 3, 4, 1) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  recon_u8 = video.to_uint8(recon.swapaxes(1, 2))  # (N, C, F, H, W) -> the denoiser layout it takes
   scorer = video_evaluator.VideoPromptScorer(cogvideox_teacher.SHIPPED_EVALUATOR, captions)
   for name, clips in (("reconstructions", recon_u8), ("real clips", videos)):
     matches = video_evaluator.attribute_matches(video_evaluator.predict(scorer.params, clips, scorer.config), scenes)

@@ -1,7 +1,5 @@
 """Our Flax UNet2DConditionModel equals Diffusers' on the same (tiny, random) weights."""
 
-import functools
-
 import flax
 import jax
 import jax.numpy as jnp
@@ -138,10 +136,9 @@ def _random_variables(config, sample, timesteps, context):
                                 flax.core.meta.unbox(shapes))
 
 
-@functools.lru_cache(maxsize=None)
 def _remat_programs(remat):
   """(model, forward, gradient of sum(output**2) in every variable) of the SD 1.5-style UNet with or without
-  remat, jitted, the inputs arguments (not constants): one program of each for every use of it below."""
+  remat, jitted, the inputs arguments (not constants): one program of each, reused by every check below."""
   model = UNet2DConditionModel(UNetConfig.from_dict(SD15), remat=remat)
   loss = lambda v, *inputs: jnp.sum(model.apply(v, *inputs) ** 2)
   return model, jax.jit(model.apply), jax.jit(jax.grad(loss))
