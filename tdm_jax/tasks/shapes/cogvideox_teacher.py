@@ -29,8 +29,8 @@ padding and the transformer reads every state). A 2B-style transformer takes exa
 `max_text_seq_length` text tokens (its stored position table spans [text; video]), so the transformer's
 max_text_seq_length is that length and every call of the teacher passes it as `max_sequence_length`.
 
-Clips are `video_data`'s: 9 frames of 32 x 32, the VAE's 4x temporal and 4x spatial compression making
-3 latent frames of 4 x 8 x 8.
+Clips are `video_data`'s: 9 frames of 32 x 32; the VAE's temporal (`vae.temporal_compression_ratio`) and
+4x spatial compression make 1 + 8 / ratio latent frames of `vae.latent_channels` x 8 x 8.
 """
 
 from __future__ import annotations
@@ -101,15 +101,15 @@ def scheduler_config(config) -> dict:
 
 
 def vae_config(config, scaling_factor: float = 1.0) -> dict:
-  """The AutoencoderKLCogVideoX config.json: blocks 0 and 1 halve time (temporal_compression_ratio 4)
-  and every block but the last halves space."""
+  """The AutoencoderKLCogVideoX config.json: the first log2(`vae.temporal_compression_ratio`) blocks halve
+  time and every block but the last halves space."""
   v = config.vae
   n = len(v.block_out_channels)
   return dict(_class_name="AutoencoderKLCogVideoX", _diffusers_version=DIFFUSERS_VERSION, in_channels=3,
               out_channels=3, down_block_types=[DOWN_BLOCK] * n, up_block_types=[UP_BLOCK] * n,
               block_out_channels=list(v.block_out_channels), latent_channels=v.latent_channels,
               layers_per_block=v.layers_per_block, act_fn="silu", norm_eps=1e-6, norm_num_groups=v.norm_num_groups,
-              temporal_compression_ratio=4, sample_height=config.shapes.image_size,
+              temporal_compression_ratio=int(v.temporal_compression_ratio), sample_height=config.shapes.image_size,
               sample_width=config.shapes.image_size, scaling_factor=float(scaling_factor), shift_factor=None,
               latents_mean=None, latents_std=None, force_upcast=False, use_quant_conv=False,
               use_post_quant_conv=False, invert_scale_latents=False)
