@@ -1,8 +1,9 @@
 """Several processes as one job: `python -m tdm_jax.main --jax_distributed` on one CPU machine.
 
-Two processes with 4 CPU devices each form the 8-device mesh of the tiny SDXL pipeline's LoRA
+Two processes with 2 CPU devices each form the 4-device mesh of the tiny SDXL pipeline's LoRA
 distillation; one is SIGKILLed after a checkpoint, both restart, and the student they finish with
-equals a one-process 8-device run's. Plus the errors a user can make in setting this up.
+equals a one-process 4-device run's. (Two devices per process keep several local devices per process
+at half the work per iteration of four.) Plus the errors a user can make in setting this up.
 """
 
 import os
@@ -12,15 +13,19 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
 import cpu_flags
 import tiny_pipeline
 from tdm_jax import main as tdm_main
+from tdm_jax.core import train
 from tdm_jax.infra import checkpoint
+from tdm_jax.tasks.diffusers import task as diffusers_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICES = 2  # per process
 ITERATIONS = 4  # killed after the checkpoint at 2 (its peer gone, process 0 cannot finish iteration 4): 2 more
 
 
@@ -30,7 +35,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def launch(workdir, flags, *, process_id, port, num_processes=2, devices=4, extra_env=None, log_dir=None):
+def launch(workdir, flags, *, process_id, port, num_processes=2, devices=DEVICES, extra_env=None, log_dir=None):
   """One process of a local job, configured through the environment as launch/local.sh does it."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": cpu_flags.xla_flags(devices),
          "TDM_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "TDM_NUM_PROCESSES": str(num_processes),
@@ -87,7 +92,7 @@ def tiny_job(tmp_path_factory):
            f"--config.data.prompt_source={prompts}",
            "--config.model.resolution=16", "--config.model.dtype=float32", "--config.model.teacher_dtype=float32",
            "--config.model.remat=False", "--config.optim.student_warmup_steps=0", "--config.optim.student_lr=1e-3", "--config.optim.eps=1e-4",
-           "--config.train.batch_size=8", "--config.train.progress=False", "--config.mesh.shape=(1,-1,1)",
+           f"--config.train.batch_size={2 * DEVICES}", "--config.train.progress=False", "--config.mesh.shape=(1,-1,1)",
            f"--config.train.num_iterations={ITERATIONS}", "--config.train.checkpoint_every=2",
            "--config.train.keep_checkpoints=0"]
   return root, config, flags
@@ -95,7 +100,6 @@ def tiny_job(tmp_path_factory):
 
 def student_of(workdir, step):
   """{path: array} of the student saved at `step` in `workdir`."""
-  import jax  # pylint: disable=g-import-not-at-top
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:
     tree = ckpt.restore(step, ckpt.stored_structure(step, jax.sharding.SingleDeviceSharding(jax.devices()[0])))
@@ -146,8 +150,11 @@ def test_two_processes_killed_and_restarted_equal_one_process(tiny_job, tmp_path
   config.optim.student_lr = 1e-3
   config.optim.eps = 1e-4
   config.mesh.shape = (1, -1, 1)
+  config.train.batch_size = 2 * DEVICES
   single = str(tmp_path / "one")
-  tdm_main.run(config, single, "train")
+  devices = jax.devices()[:2 * DEVICES]  # the two processes' mesh, in this one process
+  train.distill(diffusers_task.build_task(config, single, progress=False, devices=devices), config, single,
+                devices=devices)
   a, b = student_of(workdir, ITERATIONS), student_of(single, ITERATIONS)
   assert a.keys() == b.keys()
   start = student_of(single, 2)
