@@ -110,7 +110,7 @@ def test_cogvideox_pretrain_mode_makes_a_cogvideox_folder(tmp_path):
     assert d.family.name == "cogvideox" and d.backbone.name == "cogvideox" and d.family.max_length == length
     assert d.vae.class_name == "AutoencoderKLCogVideoX"
     g = d.geometry()
-    assert (g.frames, g.height, g.width) == (9, 32, 32) and g.latent_shape == (3, 4, 8, 8)
+    assert (g.frames, g.height, g.width) == (9, 32, 32) and g.latent_shape == (5, 4, 8, 8)  # time 2x, space 4x
     transformer = d.denoiser_config_dict
     assert (transformer["num_layers"], transformer["max_text_seq_length"], transformer["text_embed_dim"]) == (1, length, 64)
     assert not transformer["use_rotary_positional_embeddings"]
@@ -129,7 +129,7 @@ def test_cogvideox_pretrain_mode_makes_a_cogvideox_folder(tmp_path):
 
   _tiny_transformer_teacher(config, workdir, check)  # runs, checks, runs again: the denoiser is not retrained
   with np.load(os.path.join(workdir, "denoiser", "latent_pool", "00000000.npz")) as pool:
-    assert pool["mean"].shape == pool["logvar"].shape == (3, 4, 3, 8, 8) and len(pool["captions"]) == 3
+    assert pool["mean"].shape == pool["logvar"].shape == (3, 4, 5, 8, 8) and len(pool["captions"]) == 3
   assert open(os.path.join(workdir, "vae", "metrics.jsonl")).read() == first["vae_metrics"]
   assert os.path.getmtime(vae_weights) == first["vae_mtime"]  # the VAE stage is not run again either
   for name, n, split in (("prompts_train.txt", 4, "train"), ("prompts_eval.txt", 3, "eval")):
