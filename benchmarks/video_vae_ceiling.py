@@ -5,8 +5,9 @@ mean), scored by the shipped video classifier beside the real clips.
 
 DIR is a configs/shapes_cogvideox_teacher.py --mode=pretrain workdir (its VAE stage done). Prints the
 scorer's figures (FD, adherence, temporal consistency) for the reconstructions and for the real clips, the
-mean absolute pixel error, and the fraction of clips with each attribute right. A teacher sampling through
-this decoder cannot read better than its reconstructions do.
+mean absolute pixel error, the fraction of clips with each attribute right, and the fraction of frames whose
+per-frame readings are right (temporal consistency asks all 9 of a clip's to agree). A teacher sampling
+through this decoder cannot read better than its reconstructions do.
 """
 
 import os
@@ -43,9 +44,11 @@ def main(_):
   recon_u8 = video.to_uint8(recon.swapaxes(1, 2))  # (N, C, F, H, W) -> the denoiser layout it takes
   scorer = video_evaluator.VideoPromptScorer(cogvideox_teacher.SHIPPED_EVALUATOR, captions)
   for name, clips in (("reconstructions", recon_u8), ("real clips", videos)):
-    matches = video_evaluator.attribute_matches(video_evaluator.predict(scorer.params, clips, scorer.config), scenes)
+    predictions = video_evaluator.predict(scorer.params, clips, scorer.config)
+    matches = video_evaluator.attribute_matches(predictions, scenes)
     print(name, {k: round(float(v), 4) for k, v in scorer(clips).items()},
-          "attributes right:", {k: round(float(np.mean(v)), 4) for k, v in matches.items()})
+          "attributes right:", {k: round(float(np.mean(v)), 4) for k, v in matches.items()},
+          "per frame:", {k: round(v, 4) for k, v in video_evaluator.frame_accuracy(predictions, scenes).items()})
   print(f"mean absolute error {np.abs(recon - x).mean():.4f} (pixels in [-1, 1])")
 
 
