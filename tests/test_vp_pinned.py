@@ -1,8 +1,7 @@
 """The variance-preserving path, pinned: the TDM iteration, its draws and the samplers on a discrete
 schedule give what they gave before schedules became (a(t), s(t)) pairs with rectified flow beside
-them (tests/data/pinned_vp.npz: `vp_outputs` run on the code of commit 4d49c6f under the tests' XLA flags,
-tests/cpu_flags.py, with the jax version and CPU it ran on; `XLA_FLAGS="<those flags>" python
-tests/test_vp_pinned.py` writes a pin from the code checked out).
+them (tests/data/pinned_vp.npz: `vp_outputs` run on the code of commit 4d49c6f, with the jax version and
+CPU it ran on; `python tests/test_vp_pinned.py` writes a pin from the code checked out).
 
 Bitwise on the jax version and CPU that wrote the pin (the integer timesteps, every draw, every weight
 after an iteration, every sample). XLA:CPU compiles for the host's vector units, so another CPU or jax
