@@ -8,6 +8,8 @@ import pytest
 
 import cpu_flags
 
+pytest_plugins = ("compile_report",)  # `pytest --compile-report=N`: tests/compile_report.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
