@@ -22,9 +22,7 @@ EVENTS = {
     "/jax/compilation_cache/cache_retrieval_time_sec": "cache_load",
 }
 PROPERTY = "jax_seconds"
-_current = collections.Counter()  # this process's sums for the running test
-_started = [0.0]
-_seen = {}  # nodeid -> sums, where reports arrive (the controller under pytest-xdist)
+COLUMNS = ("wall", "trace", "lower", "compile", "cache_load")
 
 
 def pytest_addoption(parser):
@@ -32,51 +30,53 @@ def pytest_addoption(parser):
                    help="print the N tests with the most JAX tracing, lowering and compiling time")
 
 
-def _listen(event, duration, **_):
-  name = EVENTS.get(event)
-  if name:
-    _current[name] += duration
-
-
 def pytest_configure(config):
   if config.getoption("compile_report"):
+    config.pluginmanager.register(_Report(config.getoption("compile_report")), "compile_report_state")
+
+
+class _Report:
+  """One session's sums: per running test in this process, and per finished test where reports arrive
+  (the controller under pytest-xdist)."""
+
+  def __init__(self, n: int):
     import jax  # pylint: disable=g-import-not-at-top
-    jax.monitoring.register_event_duration_secs_listener(_listen)
+    self.n, self.current, self.started, self.seen = n, collections.Counter(), 0.0, {}
+    jax.monitoring.register_event_duration_secs_listener(self.listen)
 
+  def listen(self, event, duration, **_):
+    name = EVENTS.get(event)
+    if name:
+      self.current[name] += duration
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item):
-  if item.config.getoption("compile_report"):
-    _current.clear()
-    _started[0] = time.perf_counter()
+  @pytest.hookimpl(tryfirst=True)
+  def pytest_runtest_setup(self, item):
+    del item
+    self.current.clear()
+    self.started = time.perf_counter()
 
+  @pytest.hookimpl(hookwrapper=True)
+  def pytest_runtest_makereport(self, item, call):
+    if call.when == "teardown":
+      item.user_properties.append((PROPERTY, dict(self.current, wall=time.perf_counter() - self.started)))
+    yield
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-  if call.when == "teardown" and item.config.getoption("compile_report"):
-    item.user_properties.append((PROPERTY, dict(_current, wall=time.perf_counter() - _started[0])))
-  yield
+  def pytest_runtest_logreport(self, report):
+    if report.when == "teardown":
+      for key, value in report.user_properties:
+        if key == PROPERTY:
+          self.seen[report.nodeid] = value
 
-
-def pytest_runtest_logreport(report):
-  if report.when == "teardown":
-    for key, value in report.user_properties:
-      if key == PROPERTY:
-        _seen[report.nodeid] = value
-
-
-def pytest_terminal_summary(terminalreporter, config):
-  n = config.getoption("compile_report")
-  if not n or not _seen:
-    return
-  columns = ("wall", "trace", "lower", "compile", "cache_load")
-  total = collections.Counter()
-  for value in _seen.values():
-    total.update(value)
-  write = terminalreporter.write_line
-  write(f"JAX seconds per test (in-process work only; {len(_seen)} tests): " +
-        ", ".join(f"{c} {total[c]:.0f}" for c in columns))
-  write(" ".join(f"{c:>10}" for c in columns) + "  test")
-  jax_time = lambda v: v.get("trace", 0) + v.get("lower", 0) + v.get("compile", 0)
-  for nodeid, value in sorted(_seen.items(), key=lambda kv: -jax_time(kv[1]))[:n]:
-    write(" ".join(f"{value.get(c, 0.0):10.1f}" for c in columns) + "  " + nodeid)
+  def pytest_terminal_summary(self, terminalreporter):
+    if not self.seen:
+      return
+    total = collections.Counter()
+    for value in self.seen.values():
+      total.update(value)
+    write = terminalreporter.write_line
+    write(f"JAX seconds per test (in-process work only; {len(self.seen)} tests): " +
+          ", ".join(f"{c} {total[c]:.0f}" for c in COLUMNS))
+    write(" ".join(f"{c:>10}" for c in COLUMNS) + "  test")
+    jax_time = lambda v: v.get("trace", 0) + v.get("lower", 0) + v.get("compile", 0)
+    for nodeid, value in sorted(self.seen.items(), key=lambda kv: -jax_time(kv[1]))[:self.n]:
+      write(" ".join(f"{value.get(c, 0.0):10.1f}" for c in COLUMNS) + "  " + nodeid)
