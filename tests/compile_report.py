@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-# jax.monitoring duration events (jax/_src/dispatch.py, pxla.py, compiler.py), and this report's names.
+# jax.monitoring duration events (named in jax/_src/dispatch.py and compiler.py), and this report's names.
 EVENTS = {
     "/jax/core/compile/jaxpr_trace_duration": "trace",
     "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
